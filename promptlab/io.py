@@ -1,0 +1,127 @@
+"""Safe file I/O: atomic writes and strictly checked safetensors reads (never pickle)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+# safetensors dtype names and their sizes in bytes
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a half file.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, then renamed over ``path``.
+    On any error (a full disk, a kill) the temporary file is removed and the old file is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write tensors (moved to CPU, contiguous) with string metadata."""
+    data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+
+
+def load_safetensors(path: str | Path, error: Callable[[str], Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file after checking its header by hand; every problem raises ``error(message)``.
+
+    Checks: the header length, JSON, known dtypes, integer shapes, offsets that match the shapes, lie in
+    the file, and tile the data area without gaps or overlaps (so truncation and bit flips in the header
+    are caught before any tensor is built).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc}") from exc
+    if len(raw) < 8:
+        raise error(f"{path}: file is truncated ({len(raw)} bytes): not a safetensors file")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > MAX_HEADER or 8 + n > len(raw):
+        raise error(f"{path}: header length {n} does not fit the file ({len(raw)} bytes): truncated or corrupt")
+    try:
+        header = json.loads(raw[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: the header is not valid JSON ({exc}): corrupt file") from exc
+    if not isinstance(header, dict):
+        raise error(f"{path}: the header is not a JSON object: corrupt file")
+    metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise error(f"{path}: the metadata is not a string mapping: corrupt file")
+    data_len = len(raw) - 8 - n
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise error(f"{path}: tensor {name!r} has a malformed header entry")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise error(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise error(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise error(f"{path}: tensor {name!r} has malformed data offsets {offsets!r}")
+        size = DTYPE_SIZES[dtype]
+        for d in shape:
+            size *= d
+        if offsets[1] - offsets[0] != size or offsets[0] < 0 or offsets[1] > data_len:
+            raise error(f"{path}: tensor {name!r} offsets {offsets} do not match its shape {shape} and dtype "
+                        f"{dtype} within {data_len} data bytes: truncated or corrupt")
+        spans.append(tuple(offsets))
+    spans.sort()
+    end = 0
+    for a, b in spans:
+        if a != end:
+            raise error(f"{path}: tensor data overlaps or leaves gaps: corrupt file")
+        end = b
+    if end != data_len:
+        raise error(f"{path}: {data_len - end} bytes of data belong to no tensor: corrupt or tampered file")
+    try:
+        tensors = st_load(raw)
+    except Exception as exc:  # safetensors raises its own error type
+        raise error(f"{path}: cannot decode tensors: {exc}") from exc
+    return tensors, metadata

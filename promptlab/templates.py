@@ -1,0 +1,244 @@
+"""Task templates: `{field}` slots and `<|VIRTUAL_PROMPT_n|>` markers, parsed and validated once.
+
+A template such as ``"<|VIRTUAL_PROMPT_0|> {sentence} sentiment: {label}"`` becomes a list of segments:
+virtual-token runs (marker index n takes ``virtual_token_splits[n]`` positions), literal text, and fields.
+The answer field is the last slot; everything before it is the prompt used for generation.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, TemplateError
+
+MARKER_RE = re.compile(r"<\|VIRTUAL_PROMPT_(\d+)\|>")
+FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a parsed template: kind is "text", "field" or "virtual"."""
+
+    kind: str
+    value: str = ""  # literal text, or the field name
+    marker: int = -1  # marker index n, for "virtual"
+    start: int = 0  # first row of the task's prompt this run takes, for "virtual"
+    length: int = 0  # number of virtual positions, for "virtual"
+
+
+@dataclass
+class TaskTemplate:
+    """How one task's records become text with virtual-token positions.
+
+    Attributes:
+        taskname: the name records carry in their ``taskname`` field.
+        prompt_template: text with ``{field}`` slots and ``<|VIRTUAL_PROMPT_n|>`` markers (``{{``/``}}`` escape braces).
+        total_virtual_tokens: number of learned prompt vectors of the task.
+        virtual_token_splits: positions taken by each marker, in marker order; defaults to ``[total]``.
+        truncate_field: field shortened (from its end) when an example is longer than ``max_seq_length``;
+            without it such examples are skipped.
+        answer_field: the field the model learns to produce; must be the last slot. None: the whole text is
+            trained on (language modelling) and generation continues after the full template.
+        answer_only_loss: compute the loss on the answer tokens only (otherwise on every real token).
+    """
+
+    taskname: str
+    prompt_template: str
+    total_virtual_tokens: int
+    virtual_token_splits: list[int] | None = None
+    truncate_field: str | None = None
+    answer_field: str | None = None
+    answer_only_loss: bool = True
+    segments: list[Segment] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.taskname, str) or not self.taskname.strip():
+            raise TemplateError(f"taskname must be a non-empty string, got {self.taskname!r}")
+        if not isinstance(self.prompt_template, str):
+            raise self._error(f"prompt_template must be a string, got {type(self.prompt_template).__name__}")
+        if not isinstance(self.total_virtual_tokens, int) or self.total_virtual_tokens < 0:
+            raise self._error(f"total_virtual_tokens must be an integer >= 0, got {self.total_virtual_tokens!r}")
+        if self.virtual_token_splits is None:
+            self.virtual_token_splits = [self.total_virtual_tokens] if self.total_virtual_tokens else []
+        self.virtual_token_splits = list(self.virtual_token_splits)
+        self.segments = self._parse()
+        self._validate()
+
+    # ----------------------------------------------------------------------------------------- parsing
+    def _error(self, message: str) -> TemplateError:
+        return TemplateError(f"task {self.taskname!r}: {message}")
+
+    def _parse(self) -> list[Segment]:
+        segments: list[Segment] = []
+        text = self.prompt_template
+        pos, buf = 0, []
+
+        def flush() -> None:
+            if buf:
+                segments.append(Segment("text", "".join(buf)))
+                buf.clear()
+
+        while pos < len(text):
+            marker = MARKER_RE.match(text, pos)
+            if marker:
+                flush()
+                segments.append(Segment("virtual", marker=int(marker.group(1))))
+                pos = marker.end()
+            elif text.startswith("{{", pos) or text.startswith("}}", pos):
+                buf.append(text[pos])
+                pos += 2
+            elif text[pos] == "{":
+                end = text.find("}", pos + 1)
+                nxt = text.find("{", pos + 1)
+                if end < 0 or (0 <= nxt < end):
+                    raise self._error(f"unbalanced '{{' at character {pos} of the template")
+                name = text[pos + 1 : end].strip()
+                if not FIELD_RE.fullmatch(name):
+                    raise self._error(f"invalid field name {{{text[pos + 1:end]}}} at character {pos}")
+                flush()
+                segments.append(Segment("field", name))
+                pos = end + 1
+            elif text[pos] == "}":
+                raise self._error(f"unbalanced '}}' at character {pos} of the template")
+            elif text.startswith("<|VIRTUAL_PROMPT", pos):
+                raise self._error(f"malformed virtual-token marker at character {pos}: expected <|VIRTUAL_PROMPT_n|>")
+            else:
+                buf.append(text[pos])
+                pos += 1
+        flush()
+        return segments
+
+    def _validate(self) -> None:
+        splits = self.virtual_token_splits
+        if any(not isinstance(s, int) or s < 1 for s in splits):
+            raise self._error(f"virtual_token_splits must be positive integers, got {splits}")
+        if sum(splits) != self.total_virtual_tokens:
+            raise self._error(
+                f"virtual_token_splits {splits} sum to {sum(splits)}, not total_virtual_tokens={self.total_virtual_tokens}"
+            )
+        markers = [s.marker for s in self.segments if s.kind == "virtual"]
+        if sorted(markers) != list(range(len(splits))) or len(set(markers)) != len(markers):
+            raise self._error(
+                f"the template's markers {['<|VIRTUAL_PROMPT_%d|>' % m for m in markers]} must be "
+                f"<|VIRTUAL_PROMPT_0|> .. <|VIRTUAL_PROMPT_{len(splits) - 1}|>, each once, one per split {splits}"
+            )
+        starts = [sum(splits[:i]) for i in range(len(splits))]
+        self.segments = [
+            Segment("virtual", marker=s.marker, start=starts[s.marker], length=splits[s.marker])
+            if s.kind == "virtual"
+            else s
+            for s in self.segments
+        ]
+        fields = self.fields
+        if len(set(fields)) != len(fields):
+            raise self._error(f"a field appears twice in the template: {fields}")
+        if self.answer_field is not None:
+            if self.answer_field not in fields:
+                raise self._error(f"answer_field {self.answer_field!r} is not a slot of the template {fields}")
+            if fields[-1] != self.answer_field:
+                raise self._error(f"answer_field {self.answer_field!r} must be the last slot, but {fields[-1]!r} follows it")
+            if self.segments[-1].kind != "field":
+                raise self._error(f"the answer field {{{self.answer_field}}} must end the template; "
+                                  f"found {self.segments[-1].value!r} after it")
+        if self.truncate_field is not None:
+            if self.truncate_field not in fields:
+                raise self._error(f"truncate_field {self.truncate_field!r} is not a slot of the template {fields}")
+            if self.truncate_field == self.answer_field:
+                raise self._error("truncate_field may not be the answer field")
+        if not fields and not self.total_virtual_tokens:
+            raise self._error("the template has neither fields nor virtual tokens")
+
+    def _answer_index(self) -> int:
+        return next(i for i, s in enumerate(self.segments) if s.kind == "field" and s.value == self.answer_field)
+
+    # ------------------------------------------------------------------------------------------- views
+    @property
+    def fields(self) -> list[str]:
+        """Field names in template order."""
+        return [s.value for s in self.segments if s.kind == "field"]
+
+    @property
+    def input_fields(self) -> list[str]:
+        """Fields a record needs for generation (all but the answer field)."""
+        return [f for f in self.fields if f != self.answer_field]
+
+    @property
+    def prompt_segments(self) -> list[Segment]:
+        """Segments before the answer field: what generation feeds the model."""
+        return self.segments[: self._answer_index()] if self.answer_field else list(self.segments)
+
+    def render(self, record: dict[str, Any], with_answer: bool = True) -> str:
+        """The record as plain text, virtual runs shown as ``[Vn]`` placeholders (for display only)."""
+        out = []
+        for seg in self.segments if with_answer else self.prompt_segments:
+            if seg.kind == "text":
+                out.append(seg.value)
+            elif seg.kind == "field":
+                out.append(str(record.get(seg.value, "")))
+            else:
+                out.append("".join(f"[V{seg.start + i}]" for i in range(seg.length)))
+        return "".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The template's settings as plain data (YAML/JSON)."""
+        data = asdict(self)
+        data.pop("segments", None)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], taskname: str | None = None) -> "TaskTemplate":
+        """Build from a mapping; an unknown key is an error naming it."""
+        if not isinstance(data, dict):
+            raise TemplateError(f"task {taskname!r}: expected a mapping of template settings, got {type(data).__name__}")
+        data = dict(data)
+        if taskname is not None:
+            data.setdefault("taskname", taskname)
+        known = {"taskname", "prompt_template", "total_virtual_tokens", "virtual_token_splits",
+                 "truncate_field", "answer_field", "answer_only_loss"}
+        unknown = sorted(set(data) - known)
+        name = data.get("taskname", taskname)
+        if unknown:
+            raise TemplateError(f"task {name!r}: unknown template key(s) {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("taskname", "prompt_template", "total_virtual_tokens") if k not in data]
+        if missing:
+            raise TemplateError(f"task {name!r}: missing template key(s) {missing}")
+        return cls(**data)
+
+
+def load_tasks(path: str | Path) -> dict[str, TaskTemplate]:
+    """Read task templates from YAML: a ``tasks:`` list or mapping (name -> settings), safe loader."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the task file: {exc}") from exc
+    if isinstance(data, dict) and "tasks" in data:
+        data = data["tasks"]
+    return parse_tasks(data, source=str(path))
+
+
+def parse_tasks(data: Any, source: str = "<tasks>") -> dict[str, TaskTemplate]:
+    """Templates from a list of mappings or a mapping name -> settings."""
+    if isinstance(data, dict):
+        items = [TaskTemplate.from_dict(v, taskname=k) for k, v in data.items()]
+    elif isinstance(data, list):
+        items = [TaskTemplate.from_dict(v) for v in data]
+    else:
+        raise ConfigError(f"{source}: expected a list or mapping of tasks, got {type(data).__name__}")
+    tasks: dict[str, TaskTemplate] = {}
+    for t in items:
+        if t.taskname in tasks:
+            raise ConfigError(f"{source}: task {t.taskname!r} is defined twice")
+        tasks[t.taskname] = t
+    return tasks
+
+
+def default_tasks() -> dict[str, TaskTemplate]:
+    """The templates of the three tutorial tasks (sentiment, intent_and_slot, squad)."""
+    return load_tasks(Path(__file__).parent / "configs" / "tasks.yaml")
