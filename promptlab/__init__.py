@@ -7,3 +7,5 @@ from .models import BaseModel, load_base_model
 from .templates import TaskTemplate, default_tasks, load_tasks
 from .model import PromptLearningModel
 from .table import PromptTable
+from .train import Trainer, TrainConfig
+from .evaluate import evaluate

@@ -399,3 +399,9 @@ def format_metrics_table(results: dict[str, dict]) -> str:
         "-" * (w + 1) + ":" if j else ":" + "-" * (w + 1) for j, w in enumerate(widths)
     ) + "|"
     return "\n".join([line(header), separator, *(line(row) for row in rows)])
+
+
+def primary_score(taskname: str, metrics: dict) -> float:
+    """The task's primary metric on a 0..1 scale (SQuAD's percentages divided by 100), to compare tasks."""
+    value = float(metrics[primary_metric(taskname)])
+    return value / 100.0 if taskname == "squad" else value

@@ -140,7 +140,8 @@ def plot_training_curves(history: list[dict], smoothing: float = 0.9) -> Figure:
 def _draw_train_loss(ax, history: list[dict], smoothing: float) -> None:
     steps, losses = _series(history, "loss")
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="raw")
-    ax.plot(steps, smooth(losses, smoothing), color="tab:blue", linewidth=2, label=f"smoothed (EMA {smoothing})")
+    ax.plot(steps, smooth(losses, smoothing), color="tab:blue", linewidth=2,
+            label=f"smoothed (EMA {smoothing})")
     ax.set_title("Training loss")
     ax.set_ylabel("loss")
     ax.legend()
@@ -228,7 +229,8 @@ def plot_prompt_pca(
     ax = fig.subplots()
     n_vocab = vocab_sample.shape[0]
     vocab_xy = coords[:n_vocab].numpy()
-    ax.scatter(vocab_xy[:, 0], vocab_xy[:, 1], s=4, color=VOCAB_COLOR, label=f"vocabulary ({n_vocab} sampled)")
+    ax.scatter(vocab_xy[:, 0], vocab_xy[:, 1], s=4, color=VOCAB_COLOR,
+               label=f"vocabulary ({n_vocab} sampled)")
 
     colors = _task_colors(list(checked))
     start = n_vocab
@@ -430,7 +432,8 @@ def plot_confusion_matrix(matrix, labels: Sequence[str], title: str = "Confusion
     """
     values = np.asarray(torch.as_tensor(matrix).cpu(), dtype=float)
     if values.ndim != 2 or values.shape != (len(labels), len(labels)):
-        raise ValueError(f"confusion matrix has shape {values.shape}; expected ({len(labels)}, {len(labels)})")
+        n = len(labels)
+        raise ValueError(f"confusion matrix has shape {values.shape}; expected ({n}, {n})")
     size = 0.9 * len(labels) + 3.0
     fig = Figure(figsize=(size + 1.0, size), layout="constrained")
     ax = fig.subplots()

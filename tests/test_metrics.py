@@ -30,7 +30,8 @@ def test_classification_hand_computed():
     assert m["n"] == 5
     assert m["accuracy"] == pytest.approx(3 / 5)
     # neg: tp 2, predicted 3, support 2 -> p 2/3, r 1, f1 0.8
-    assert m["per_label"]["neg"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    expected_neg = {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}
+    assert m["per_label"]["neg"] == pytest.approx(expected_neg)
     # neu: never predicted -> p 0, r 0, f1 0
     assert m["per_label"]["neu"]["f1"] == 0.0
     # pos: tp 1, predicted 2, support 2 -> p 0.5, r 0.5, f1 0.5
@@ -215,7 +216,8 @@ def test_compute_task_metrics_dispatch():
     )
     assert squad["exact_match"] == pytest.approx(100.0)
 
-    intent = compute_task_metrics("intent_and_slot", ["Intent: a\nSlots: None"], [{"label": "Intent: a\nSlots: None"}])
+    label = "Intent: a\nSlots: None"
+    intent = compute_task_metrics("intent_and_slot", [label], [{"label": label}])
     assert intent["intent_accuracy"] == 1.0 and intent["exact_match"] == 1.0
 
     other = compute_task_metrics("boolq", ["true", "false"], [{"label": "true"}, {"label": "true"}])
@@ -226,7 +228,8 @@ def test_compute_task_metrics_dispatch():
 
 def test_compute_task_metrics_missing_field_names_record():
     with pytest.raises(DataError, match="record 1 has no 'label'"):
-        compute_task_metrics("sentiment", ["positive", "positive"], [{"label": "positive"}, {"sentence": "x"}])
+        records = [{"label": "positive"}, {"sentence": "x"}]
+        compute_task_metrics("sentiment", ["positive", "positive"], records)
 
 
 def test_primary_metric_and_direction():

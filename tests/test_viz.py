@@ -129,7 +129,11 @@ def test_prompt_pca_points_and_labels(prompts, vocab, tmp_path):
     labels = [t.get_text() for t in ax.texts]
     assert labels == [str(i) for i in range(10)] + [str(i) for i in range(4)]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["vocabulary (100 sampled)", "sentiment (10 virtual tokens)", "intent_and_slot (4 virtual tokens)"]
+    assert legend == [
+        "vocabulary (100 sampled)",
+        "sentiment (10 virtual tokens)",
+        "intent_and_slot (4 virtual tokens)",
+    ]
     assert "PC1" in ax.get_xlabel() and "PC2" in ax.get_ylabel()
     # the annotations sit on the task's points
     assert ax.texts[0].xy == pytest.approx(tuple(scatters[1].get_offsets()[0]))

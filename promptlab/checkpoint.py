@@ -1,0 +1,104 @@
+"""Training checkpoints: one safetensors file (no pickle) written atomically, restored exactly.
+
+It holds the trainable prompt parameters, the optimizer state, the best prompts so far, the RNG state, and
+as JSON metadata the step, history, and the settings that must match to resume.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .io import load_safetensors, save_safetensors
+
+FORMAT = "promptlab.checkpoint.v1"
+
+
+def save_checkpoint(path: Path, model, optimizer, state, config_key: dict) -> None:
+    tensors = {f"model/{k}": v for k, v in model.trainable_state_dict().items()}
+    optim = optimizer.state_dict()
+    for i, slots in optim["state"].items():
+        for name, value in slots.items():
+            tensors[f"optim/{i}/{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    for k, v in (state.best_params or {}).items():
+        tensors[f"best/{k}"] = v
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
+    meta = {"format": FORMAT, "step": state.step, "history": state.history, "best_score": state.best_score,
+            "best_step": state.best_step, "evals_without_improvement": state.evals_without_improvement,
+            "config": config_key, "spec": model.trainable_spec(), "param_groups": groups}
+    save_safetensors(path, tensors, {"promptlab_checkpoint": json.dumps(meta)})
+
+
+def load_checkpoint(path: Path, model, optimizer, config_key: dict):
+    """Restore model prompts, optimizer and RNG in place; returns the `TrainState` to continue from.
+
+    Refuses (CheckpointError) a file that is corrupt, from another base model, another config, or a model
+    whose trainable tasks and encoders differ.
+    """
+    from .train import TrainState
+
+    tensors, raw = load_safetensors(path, CheckpointError)
+    try:
+        meta = json.loads(raw["promptlab_checkpoint"])
+        if meta.get("format") != FORMAT:
+            raise ValueError("wrong format")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a promptlab training checkpoint ({exc})") from exc
+    spec, mine = meta.get("spec", {}), model.trainable_spec()
+    if spec.get("base_fingerprint") != mine["base_fingerprint"]:
+        raise CheckpointError(f"{path}: written for another base model (embedding fingerprint differs)")
+    if meta.get("config") != config_key:
+        diff = sorted(k for k in set(config_key) | set(meta.get("config") or {})
+                      if (meta.get("config") or {}).get(k) != config_key.get(k))
+        raise CheckpointError(f"{path}: written by a run with other settings ({', '.join(diff)}); "
+                              f"resume with the same config or start afresh")
+    if {k: spec.get(k) for k in ("prompt_tuning", "encoders")} != {k: mine[k] for k in ("prompt_tuning", "encoders")}:
+        raise CheckpointError(f"{path}: its trainable tasks/encoders {spec.get('prompt_tuning')}, "
+                              f"{spec.get('encoders')} differ from this model's")
+    params = model.trainable_state_dict()
+    saved = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
+    _check_same(path, "parameters", params, saved)
+    if best:
+        _check_same(path, "best parameters", params, best)
+    optim_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, i, name = k.split("/", 2)
+            optim_state.setdefault(int(i), {})[name] = v
+    plist = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, slots in optim_state.items():
+        for name, v in slots.items():
+            if idx >= len(plist) or (name != "step" and v.shape != plist[idx].shape):
+                raise CheckpointError(f"{path}: optimizer state {idx}/{name} does not fit this model's parameters")
+    try:
+        optimizer.load_state_dict({"state": optim_state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: optimizer state does not fit this model: {exc}") from exc
+    with torch.no_grad():
+        for k, v in params.items():
+            v.copy_(saved[k])
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return TrainState(step=meta["step"], history=meta["history"], best_score=meta["best_score"],
+                      best_step=meta["best_step"], best_params=best or None,
+                      evals_without_improvement=meta["evals_without_improvement"])
+
+
+def _check_same(path, what: str, expected: dict, saved: dict) -> None:
+    if set(expected) != set(saved):
+        raise CheckpointError(f"{path}: {what} do not match the model: unexpected {sorted(set(saved) - set(expected))}, "
+                              f"missing {sorted(set(expected) - set(saved))}")
+    for k, v in expected.items():
+        if v.shape != saved[k].shape or v.dtype != saved[k].dtype:
+            raise CheckpointError(f"{path}: {what} {k!r} is {tuple(saved[k].shape)} {saved[k].dtype}, "
+                                  f"expected {tuple(v.shape)} {v.dtype}")

@@ -1,0 +1,11 @@
+"""Datasets: checksummed downloads, one parser per dataset, deterministic splits, JSON Lines files.
+
+``prepare_dataset("sentiment", "data/sentiment")`` writes ``train/validation/test.jsonl`` and a
+``manifest.json``; ``read_jsonl`` reads them back. ``features`` turns records into model inputs.
+"""
+from .download import Fetcher, Registry, fetch_file, make_fetcher
+from .jsonl import read_jsonl, write_jsonl
+from .prepare import DATASETS, build_dataset, prepare_dataset
+
+__all__ = ["DATASETS", "Fetcher", "Registry", "build_dataset", "fetch_file", "make_fetcher", "prepare_dataset",
+           "read_jsonl", "write_jsonl"]

@@ -1,0 +1,319 @@
+"""Training: `TrainConfig` and `Trainer`, a plain loop on Hugging Face Accelerate.
+
+Only the learned prompts (prompt embeddings and p-tuning encoders) are optimised; the base model stays
+frozen and is never synchronised between processes: after each backward pass the prompt gradients are
+summed across processes by hand. The loss of a step is the sum over its labelled tokens divided by the
+number of labelled tokens in the whole global batch, so one process with batch 8 and two with batch 4
+take the same step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data.features import IGNORE_INDEX, collate, encode_records, length_grouped_batches
+from .errors import CheckpointError, ConfigError, DataError
+from .evaluate import evaluate
+from .metrics import primary_score
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run.
+
+    Attributes:
+        max_steps: optimizer steps.
+        batch_size: examples per process per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: learning rate of prompt-tuning parameters.
+        p_tuning_lr: learning rate of p-tuning encoders and their inputs.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warmup steps; None: 10% of max_steps.
+        min_lr_ratio: the cosine schedule decays to lr * min_lr_ratio.
+        max_grad_norm: gradient clipping (0 or None: off).
+        max_seq_length: longer examples are truncated (truncate_field) or skipped.
+        mixed_precision: "auto" (bf16 on GPUs that support it, fp16 on other GPUs, none on CPU), "no", "bf16", "fp16".
+        eval_every: validate every N steps (0: only at the end).
+        eval_max_records: validation records scored per task with generation (loss uses all).
+        eval_batch_size: batch size of validation.
+        early_stopping_patience: stop after this many validations without improvement (None: never).
+        keep_best: at the end, restore the prompts of the best validation.
+        checkpoint_every: write a checkpoint every N steps (0: only at the end); needs output_dir.
+        output_dir: where checkpoints and the history go (None: nothing is written).
+        seed: seeds the batch order and the initial RNG state.
+        group_by_length: batches of similar lengths (less padding); off: random batches.
+        progress: show tqdm progress bars.
+    """
+
+    max_steps: int = 150
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-2
+    p_tuning_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    max_seq_length: int = 512
+    mixed_precision: str = "auto"
+    eval_every: int = 50
+    eval_max_records: int = 200
+    eval_batch_size: int = 16
+    early_stopping_patience: int | None = None
+    keep_best: bool = True
+    checkpoint_every: int = 50
+    output_dir: str | None = None
+    seed: int = 1234
+    group_by_length: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "max_seq_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"TrainConfig.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.lr <= 0 or self.p_tuning_lr <= 0:
+            raise ConfigError("TrainConfig learning rates must be positive")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings that must match for a checkpoint to continue this run exactly."""
+        ignore = {"output_dir", "progress", "checkpoint_every", "eval_batch_size"}
+        return {k: v for k, v in asdict(self).items() if k not in ignore}
+
+
+def lr_multiplier(step: int, max_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``max_steps``; a pure function of the step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainState:
+    """Where a run is: the next step, its history, and the best validation so far."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_score: float | None = None
+    best_step: int | None = None
+    best_params: dict[str, torch.Tensor] | None = None
+    evals_without_improvement: int = 0
+
+
+class Trainer:
+    """Train a `PromptLearningModel`'s prompts on records (dicts with ``taskname`` and template fields)."""
+
+    def __init__(self, model, train_records: Sequence[Mapping[str, Any]],
+                 val_records: Sequence[Mapping[str, Any]] | None = None, config: TrainConfig | None = None):
+        from accelerate import Accelerator
+
+        self.model = model
+        self.config = config or TrainConfig()
+        self.val_records = list(val_records or [])
+        model.max_seq_length = self.config.max_seq_length
+        if not model.training_tasks():
+            raise ConfigError("the model has no task to train: call add_prompt_tuning or add_p_tuning first")
+        if not train_records:
+            raise DataError("the training set is empty")
+        unknown = sorted({r.get("taskname") for r in train_records} - set(model.training_tasks()))
+        if unknown:
+            raise ConfigError(f"training records of task(s) {unknown} that are not being trained; "
+                              f"training: {model.training_tasks()}")
+        self.examples, self.encode_stats = encode_records(train_records, model.tasks, model.tokenizer,
+                                                         self.config.max_seq_length, source="train")
+        if not self.examples:
+            raise DataError(f"no training example fits max_seq_length={self.config.max_seq_length}")
+        self.accelerator = Accelerator(mixed_precision=self._precision(), cpu=model.base.device.type == "cpu")
+        self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=self.config.weight_decay)
+        self.state = TrainState()
+
+    def _precision(self) -> str:
+        choice = self.config.mixed_precision
+        if choice != "auto":
+            return choice
+        if self.model.base.device.type != "cuda":
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+    def _param_groups(self) -> list[dict]:
+        prompt = [p for p in self.model.prompt_embeddings.parameters()]
+        encoder = [p for p in self.model.encoders.parameters()]
+        groups = [{"params": prompt, "lr": self.config.lr, "base_lr": self.config.lr},
+                  {"params": encoder, "lr": self.config.p_tuning_lr, "base_lr": self.config.p_tuning_lr}]
+        return [g for g in groups if g["params"]]
+
+    # ------------------------------------------------------------------------------------------ data
+    def _global_batches(self, epoch: int) -> list[list[int]]:
+        """This epoch's global batches (every process computes the same list)."""
+        size = self.config.batch_size * self.accelerator.num_processes
+        lengths = [len(e) for e in self.examples]
+        if self.config.group_by_length:
+            return length_grouped_batches(lengths, size, seed=self.config.seed + epoch)
+        return length_grouped_batches([0] * len(lengths), size, seed=self.config.seed + epoch, group_factor=1)
+
+    def _step_batches(self, step: int) -> list[list[int]]:
+        """The ``grad_accum`` global micro-batches of one optimizer step: a function of the step alone."""
+        per_epoch = math.ceil(len(self.examples) / (self.config.batch_size * self.accelerator.num_processes))
+        out = []
+        for k in range(step * self.config.grad_accum, (step + 1) * self.config.grad_accum):
+            epoch, pos = divmod(k, per_epoch)
+            out.append(self._global_batches(epoch)[pos])
+        return out
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train to ``max_steps`` (or early stop); returns the history (one dict per step and validation)."""
+        from tqdm.auto import tqdm
+
+        cfg, acc, model = self.config, self.accelerator, self.model
+        if resume:
+            self._resume()
+        else:
+            torch.manual_seed(cfg.seed)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 10)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        model.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training",
+                   disable=not (cfg.progress and acc.is_main_process))
+        while self.state.step < cfg.max_steps:
+            step, start = self.state.step, time.perf_counter()
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["base_lr"] * lr_multiplier(step, cfg.max_steps, warmup, cfg.min_lr_ratio)
+            micro = self._step_batches(step)
+            tokens = sum(self._label_count(idx) for idx in micro)  # labelled tokens in the global step
+            loss_sum = torch.zeros((), device=model.base.device)
+            for idx in micro:
+                mine = idx[acc.process_index :: acc.num_processes]  # this process's share
+                if not mine:
+                    continue
+                batch = collate([self.examples[i] for i in mine], model.tokenizer.pad_token_id, "right")
+                with acc.autocast():
+                    loss = model(batch, reduction="sum") / tokens
+                acc.backward(loss)
+                loss_sum += loss.detach()
+            self._sync_gradients(params, loss_sum)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+                         else torch.zeros(()))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step = step + 1
+            self.state.history.append({"step": step + 1, "loss": loss_sum.item(), "lr": self.optimizer.param_groups[0]["lr"],
+                                       "grad_norm": float(grad_norm), "tokens": tokens,
+                                       "seconds": time.perf_counter() - start})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum.item():.4f}")
+            last = self.state.step == cfg.max_steps
+            stop = False
+            if (cfg.eval_every and self.state.step % cfg.eval_every == 0) or last:
+                stop = self._validate()
+            if cfg.output_dir and ((cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0)
+                                   or last or stop):
+                self.save_checkpoint()
+            if stop:
+                break
+        bar.close()
+        if cfg.keep_best and self.state.best_params is not None:
+            self.model.load_state_dict(self.state.best_params, strict=False)
+        model.eval()
+        return self.state.history
+
+    def _label_count(self, idx: list[int]) -> int:
+        return sum(sum(1 for t in self.examples[i].labels[1:] if t != IGNORE_INDEX) for i in idx)
+
+    def _sync_gradients(self, params: list[torch.Tensor], loss_sum: torch.Tensor) -> None:
+        """Sum prompt gradients (and the loss) over processes: the only communication of a step."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        dist.all_reduce(loss_sum)
+
+    # ------------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        examples, _ = encode_records(self.val_records, self.model.tasks, self.model.tokenizer,
+                                     self.config.max_seq_length, source="validation")
+        total, count = 0.0, 0
+        for idx in length_grouped_batches([len(e) for e in examples], self.config.eval_batch_size, shuffle=False):
+            batch = collate([examples[i] for i in idx], self.model.tokenizer.pad_token_id, "right")
+            total += self.model(batch, reduction="sum").item()
+            count += sum(1 for i in idx for t in examples[i].labels[1:] if t != IGNORE_INDEX)
+        return total / max(count, 1)
+
+    def _validate(self) -> bool:
+        """Validation loss and task metrics; keeps the best prompts; True when early stopping says stop."""
+        if not self.val_records:
+            return False
+        model, cfg = self.model, self.config
+        model.eval()
+        entry: dict[str, Any] = {"step": self.state.step, "val_loss": self.validation_loss()}
+        subset = self._metric_subset()
+        scores = []
+        if subset:
+            for task, metrics in evaluate(model, subset, batch_size=cfg.eval_batch_size, rank_sentiment=False).items():
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and k != "n":
+                        entry[f"val/{task}/{k}"] = v
+                scores.append(primary_score(task, metrics))
+        # the mean primary metric decides what is best; without metrics, the lower loss
+        score = sum(scores) / len(scores) if scores else -entry["val_loss"]
+        entry["val/score"] = score
+        self.state.history.append(entry)
+        model.train()
+        if self.state.best_score is None or score > self.state.best_score:
+            self.state.best_score, self.state.best_step = score, self.state.step
+            self.state.best_params = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+            self.state.evals_without_improvement = 0
+            return False
+        self.state.evals_without_improvement += 1
+        return cfg.early_stopping_patience is not None and self.state.evals_without_improvement >= cfg.early_stopping_patience
+
+    def _metric_subset(self) -> list[Mapping[str, Any]]:
+        per_task: dict[str, int] = {}
+        subset = []
+        for r in self.val_records:
+            t = r.get("taskname")
+            if per_task.get(t, 0) < self.config.eval_max_records and t in self.model.training_tasks():
+                per_task[t] = per_task.get(t, 0) + 1
+                subset.append(r)
+        return subset
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        if not self.config.output_dir:
+            raise ConfigError("checkpoints need TrainConfig.output_dir")
+        return Path(self.config.output_dir) / "checkpoint.safetensors"
+
+    def save_checkpoint(self) -> None:
+        """Atomically write prompts, encoders, optimizer, RNG, step, best prompts and history (main process)."""
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.state, self.config.resume_key())
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> None:
+        path = self.checkpoint_path
+        if not path.exists():
+            raise CheckpointError(f"{path}: no checkpoint to resume from")
+        self.state = load_checkpoint(path, self.model, self.optimizer, self.config.resume_key())
+

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random models (Llama-style and GPT-2-style) with the real tokenizer, fixed seeds."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    import promptlab as pl
+
+    return pl.load_base_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_base():
+    import promptlab as pl
+
+    return pl.load_base_model("tiny-gpt2", device="cpu")
+
+
+@pytest.fixture(params=["tiny", "tiny-gpt2"])
+def any_base(request, tiny_base, tiny_gpt2_base):
+    """Both tiny architectures: the library must not be Llama-only."""
+    return tiny_base if request.param == "tiny" else tiny_gpt2_base
+
+
+@pytest.fixture
+def tasks():
+    import promptlab as pl
+
+    return pl.default_tasks()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
