@@ -23,6 +23,17 @@ def group_by_task(records: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
     return dict(groups)
 
 
+def limit_per_task(records: Sequence[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
+    """The first ``n`` records of each task, in their original order."""
+    kept: dict[str, int] = defaultdict(int)
+    out = []
+    for r in records:
+        if kept[r.get("taskname")] < n:
+            kept[r.get("taskname")] += 1
+            out.append(r)
+    return out
+
+
 def predict(model, records: Sequence[Mapping[str, Any]], max_new_tokens: int | Mapping[str, int] | None = None,
             batch_size: int = 16) -> list[str]:
     """Greedy answers for every record; tasks are generated in groups with their own token budgets."""

@@ -142,12 +142,15 @@ class PromptLearningModel(nn.Module):
         place prompts enter the model.
         """
         tokens = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
-        names = list(dict.fromkeys(tasknames))
-        prompts = [self.prompt(t) for t in names]
-        width = max(p.shape[0] for p in prompts)
-        stack = torch.stack([F.pad(p, (0, 0, 0, width - p.shape[0])) for p in prompts])  # (K, Vmax, D)
-        row_task = torch.tensor([names.index(t) for t in tasknames], device=input_ids.device)  # (B,)
         is_virtual = virtual_index >= 0  # (B, T)
+        if not bool(is_virtual.any()):  # e.g. baselines: templates without virtual tokens
+            return tokens
+        names = list(dict.fromkeys(tasknames))
+        prompts = [self.prompt(t) if self._template(t).total_virtual_tokens else tokens.new_zeros(1, tokens.shape[-1])
+                   for t in names]
+        width = max(p.shape[0] for p in prompts)
+        stack = torch.stack([F.pad(p.float(), (0, 0, 0, width - p.shape[0])) for p in prompts])  # (K, Vmax, D)
+        row_task = torch.tensor([names.index(t) for t in tasknames], device=input_ids.device)  # (B,)
         gathered = stack[row_task[:, None].expand_as(virtual_index), virtual_index.clamp(min=0)]  # (B, T, D)
         return torch.where(is_virtual[..., None], gathered.to(tokens.dtype), tokens)
 

@@ -7,6 +7,7 @@ tensors untouched, bit for bit.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,8 @@ class PromptTable:
                               "template": e.template.to_dict(), "sha256": tensor_sha256(e.prompt)}
                           for t, e in self._entries.items()}}
         tensors = {t: e.prompt for t, e in self._entries.items()}
-        save_safetensors(path, tensors, {"promptlab": json.dumps(meta, sort_keys=True)})
+        text = json.dumps(meta, sort_keys=True)
+        save_safetensors(path, tensors, {"promptlab": text, "promptlab_sha256": _sha256(text)})
 
     @classmethod
     def load(cls, path: str | Path, base=None, check_base: bool = True) -> "PromptTable":
@@ -157,9 +159,17 @@ class PromptTable:
         return table
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _parse_meta(path, raw_meta: dict[str, str]) -> dict:
     if "promptlab" not in raw_meta:
         raise PromptTableError(f"{path}: no promptlab metadata: not a prompt table file")
+    # the metadata holds the templates and checksums: a flipped byte there must not load as another template
+    if raw_meta.get("promptlab_sha256") != _sha256(raw_meta["promptlab"]):
+        raise PromptTableError(f"{path}: the metadata does not match its sha256 (promptlab_sha256 missing or "
+                               f"different): corrupt or edited file")
     try:
         meta = json.loads(raw_meta["promptlab"])
     except json.JSONDecodeError as exc:

@@ -56,7 +56,13 @@ def _field_text(record: Mapping[str, Any], name: str, template: TaskTemplate, wh
     if value is None:
         raise DataError(f"{where}: task {template.taskname!r} needs field {name!r}, which the record lacks "
                         f"(it has {sorted(k for k in record if k != 'taskname')})")
-    return value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (valid in JSON, not text): the tokenizer would crash
+        raise DataError(f"{where}: field {name!r} of task {template.taskname!r} is not valid Unicode text "
+                        f"({exc.reason} at character {exc.start})") from None
+    return text
 
 
 def _pieces(record: Mapping[str, Any], template: TaskTemplate, with_answer: bool, where: str):
@@ -74,6 +80,9 @@ def _pieces(record: Mapping[str, Any], template: TaskTemplate, with_answer: bool
                 pieces[-1][1] = pieces[-1][1][:-1]
                 text = " " + text
             pieces.append([seg.value, text])
+    if not with_answer and template.answer_field and pieces and pieces[-1][0] == "text" \
+            and pieces[-1][1].endswith(" "):
+        pieces[-1][1] = pieces[-1][1][:-1]  # with the answer this space moves onto it: the prompt must not keep it
     return [p for p in pieces if p[0] != "text" or p[1]]  # empty fields stay: the answer may be ""
 
 

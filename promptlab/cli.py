@@ -1,0 +1,178 @@
+"""The command line: ``promptlab prepare|train|generate|evaluate|table|demo`` (also ``python -m promptlab``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import PromptlabError
+
+
+def _cmd_prepare(args) -> None:
+    from .data import prepare_dataset
+
+    manifest = prepare_dataset(args.dataset, args.out, seed=args.seed, from_dev=args.from_dev,
+                               agreement=args.agreement, source="samples" if args.samples else "remote")
+    counts = manifest.get("counts", {})
+    print(f"{args.dataset}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {args.out}")
+
+
+def _cmd_train(args) -> None:
+    from .pipeline import load_run_config, run_training
+
+    result = run_training(load_run_config(args.config), resume=args.resume)
+    print(f"trained {result['tasks']} for {result['steps']} steps (best at step {result['best_step']}); "
+          f"prompt table: {result['prompt_table']}")
+
+
+def _load(args, base=None):
+    from .model import PromptLearningModel
+    from .models import load_base_model
+    from .table import PromptTable
+
+    base = base or load_base_model(args.model)
+    table = PromptTable.load(args.prompts, base)
+    return PromptLearningModel(base, {t: table.entry(t).template for t in table}, prompt_table=table,
+                               max_seq_length=args.max_seq_length)
+
+
+def _cmd_generate(args) -> None:
+    from .data.jsonl import read_jsonl, write_jsonl
+
+    model = _load(args)
+    records = read_jsonl(args.input)
+    texts = model.generate(records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           stop=args.stop or None)
+    n = write_jsonl(args.output, [{**r, "prediction": t} for r, t in zip(records, texts)])
+    print(f"wrote {n} predictions to {args.output}")
+
+
+def _cmd_evaluate(args) -> None:
+    from .baselines import baseline_model
+    from .data.jsonl import read_jsonl
+    from .evaluate import evaluate, limit_per_task
+    from .io import atomic_write_text
+    from .metrics import format_metrics_table
+    from .models import load_base_model
+
+    records = read_jsonl(args.data)
+    if args.max_records:
+        records = limit_per_task(records, args.max_records)
+    if args.baseline:
+        from .templates import default_tasks
+
+        base = load_base_model(args.model)
+        tasks = default_tasks()
+        if args.prompts:
+            tasks.update({t: e.template for t, e in _load(args, base).prompt_table._entries.items()})
+        train = read_jsonl(args.train) if args.train else None
+        model = baseline_model(base, tasks, args.baseline, train, k=args.shots)
+    else:
+        if not args.prompts:
+            raise PromptlabError("evaluate needs --prompts FILE (or --baseline zero-shot|few-shot)")
+        model = _load(args)
+    results = evaluate(model, records, batch_size=args.batch_size)
+    print(format_metrics_table(results))
+    if args.output:
+        atomic_write_text(args.output, json.dumps(results, indent=1))
+        print(f"metrics and predictions written to {args.output}")
+
+
+def _cmd_table(args) -> None:
+    from .table import PromptTable
+
+    table = PromptTable.load(args.path)
+    if args.action == "list":
+        print(f"{args.path}: base model {table.base_model}, hidden size {table.hidden_size}, {len(table)} task(s)")
+        for row in table.describe():
+            print(f"  {row['task']:<20} {row['method']:<14} {row['virtual_tokens']:>3} virtual tokens "
+                  f"(splits {row['splits']}), mean norm {row['mean_norm']}")
+    elif args.action == "show":
+        if not args.task:
+            raise PromptlabError("table show needs a TASK")
+        entry = table.entry(args.task)
+        print(json.dumps({"task": args.task, "method": entry.method, "shape": list(entry.prompt.shape),
+                          "template": entry.template.to_dict(),
+                          "norms": [round(x, 4) for x in entry.prompt.norm(dim=-1).tolist()]}, indent=1))
+    else:
+        if not args.task:
+            raise PromptlabError("table remove needs a TASK")
+        table.remove(args.task)
+        table.save(args.path)
+        print(f"removed {args.task!r} from {args.path}; left: {table.tasks()}")
+
+
+def _cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    report = run_demo(out_dir=args.out, model_name=args.model, steps=args.steps, quick=args.quick)
+    print(f"report: {report}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promptlab", description="Prompt tuning and p-tuning of frozen causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="download a dataset and write train/validation/test JSONL")
+    s.add_argument("dataset", choices=["sentiment", "intent_and_slot", "squad"])
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--from-dev", action="store_true", help="squad: split dev-v1.1.json by article")
+    s.add_argument("--agreement", default="AllAgree", help="sentiment: AllAgree, 75Agree, 66Agree or 50Agree")
+    s.add_argument("--samples", action="store_true", help="use the small sample files bundled with promptlab")
+    s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser("train", help="train prompts from a YAML run config")
+    s.add_argument("config")
+    s.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.safetensors")
+    s.set_defaults(func=_cmd_train)
+
+    for name, func, help_ in (("generate", _cmd_generate, "generate answers for JSONL records"),
+                              ("evaluate", _cmd_evaluate, "per-task metrics on JSONL records")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--prompts", required=name == "generate", help="prompt table file")
+        s.add_argument("--model", default="embedded", help="base model the table was trained on")
+        s.add_argument("--batch-size", type=int, default=16)
+        s.add_argument("--max-seq-length", type=int, default=1024)
+        s.set_defaults(func=func)
+    gen = sub.choices["generate"]
+    gen.add_argument("--input", required=True)
+    gen.add_argument("--output", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=30)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    ev = sub.choices["evaluate"]
+    ev.add_argument("--data", required=True, help="JSONL records with answers")
+    ev.add_argument("--baseline", choices=["zero-shot", "few-shot"], help="score the frozen model without learned prompts")
+    ev.add_argument("--train", help="few-shot: JSONL records to take examples from")
+    ev.add_argument("--shots", type=int, default=3)
+    ev.add_argument("--max-records", type=int, default=0, help="score at most N records per task (0: all)")
+    ev.add_argument("--output", help="write metrics and predictions as JSON")
+
+    s = sub.add_parser("table", help="list, show or remove tasks of a prompt table file")
+    s.add_argument("action", choices=["list", "show", "remove"])
+    s.add_argument("path")
+    s.add_argument("task", nargs="?")
+    s.set_defaults(func=_cmd_table)
+
+    s = sub.add_parser("demo", help="the whole story on the embedded model; writes a report")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--model", default="embedded")
+    s.add_argument("--steps", type=int, default=None, help="training steps per method")
+    s.add_argument("--quick", action="store_true", help="tiny model, sample data, a few steps (for tests)")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (PromptlabError, KeyError) as exc:
+        print(f"promptlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
