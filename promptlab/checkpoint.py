@@ -1,17 +1,19 @@
 """Training checkpoints: one safetensors file (no pickle) written atomically, restored exactly.
 
 It holds the trainable prompt parameters, the optimizer state, the best prompts so far, the RNG state, and
-as JSON metadata the step, history, and the settings that must match to resume.
+as JSON metadata the step, history, and the settings that must match to resume. The metadata records a
+sha256 of every tensor and is itself checksummed, so a flipped byte anywhere is refused on load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
-from .io import load_safetensors, save_safetensors
+from .io import load_safetensors, save_safetensors, tensor_sha256
 
 FORMAT = "promptlab.checkpoint.v1"
 
@@ -31,8 +33,39 @@ def save_checkpoint(path: Path, model, optimizer, state, config_key: dict) -> No
     groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
     meta = {"format": FORMAT, "step": state.step, "history": state.history, "best_score": state.best_score,
             "best_step": state.best_step, "evals_without_improvement": state.evals_without_improvement,
-            "config": config_key, "spec": model.trainable_spec(), "param_groups": groups}
-    save_safetensors(path, tensors, {"promptlab_checkpoint": json.dumps(meta)})
+            "config": config_key, "spec": model.trainable_spec(), "param_groups": groups,
+            "sha256": {k: tensor_sha256(v) for k, v in tensors.items()}}
+    text = json.dumps(meta)
+    save_safetensors(path, tensors, {"promptlab_checkpoint": text, "promptlab_checkpoint_sha256": _sha256(text)})
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_meta(path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The checksums match every tensor, and the fields a resume relies on have their types."""
+    sums = meta.get("sha256")
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{path}: no tensor checksums in the metadata: corrupt, edited, or written by "
+                              f"an older promptlab; start afresh")
+    if set(sums) != set(tensors):
+        raise CheckpointError(f"{path}: tensors and metadata disagree (unknown {sorted(set(tensors) - set(sums))}, "
+                              f"missing {sorted(set(sums) - set(tensors))}): corrupt file")
+    for k, t in tensors.items():
+        if tensor_sha256(t) != sums[k]:
+            raise CheckpointError(f"{path}: tensor {k!r} does not match its recorded sha256: corrupt file")
+    ok = (isinstance(meta.get("step"), int) and meta["step"] >= 0 and isinstance(meta.get("history"), list)
+          and (meta.get("best_step") is None or isinstance(meta["best_step"], int))
+          and (meta.get("best_score") is None or isinstance(meta["best_score"], (int, float)))
+          and isinstance(meta.get("evals_without_improvement"), int)
+          and isinstance(meta.get("param_groups"), list) and all(isinstance(g, dict) for g in meta["param_groups"])
+          and isinstance(meta.get("spec"), dict))
+    if not ok:
+        raise CheckpointError(f"{path}: malformed checkpoint metadata (step, history, best, param groups or spec)")
+    rng = tensors.get("rng/torch")
+    if rng is not None and (rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape):
+        raise CheckpointError(f"{path}: the saved RNG state is {rng.dtype} {tuple(rng.shape)}, not this torch's")
 
 
 def load_checkpoint(path: Path, model, optimizer, config_key: dict):
@@ -44,12 +77,19 @@ def load_checkpoint(path: Path, model, optimizer, config_key: dict):
     from .train import TrainState
 
     tensors, raw = load_safetensors(path, CheckpointError)
+    text = raw.get("promptlab_checkpoint")
+    if text is None:
+        raise CheckpointError(f"{path}: not a promptlab training checkpoint (no promptlab_checkpoint metadata)")
+    if raw.get("promptlab_checkpoint_sha256") != _sha256(text):
+        raise CheckpointError(f"{path}: the metadata does not match its sha256 (missing or different): "
+                              f"corrupt or edited file")
     try:
-        meta = json.loads(raw["promptlab_checkpoint"])
-        if meta.get("format") != FORMAT:
+        meta = json.loads(text)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError("wrong format")
-    except (KeyError, ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise CheckpointError(f"{path}: not a promptlab training checkpoint ({exc})") from exc
+    _check_meta(path, meta, tensors)
     spec, mine = meta.get("spec", {}), model.trainable_spec()
     if spec.get("base_fingerprint") != mine["base_fingerprint"]:
         raise CheckpointError(f"{path}: written for another base model (embedding fingerprint differs)")
@@ -70,12 +110,16 @@ def load_checkpoint(path: Path, model, optimizer, config_key: dict):
     optim_state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim/"):
-            _, i, name = k.split("/", 2)
-            optim_state.setdefault(int(i), {})[name] = v
+            try:
+                _, i, name = k.split("/", 2)
+                optim_state.setdefault(int(i), {})[name] = v
+            except ValueError:
+                raise CheckpointError(f"{path}: malformed optimizer state name {k!r}") from None
     plist = [p for g in optimizer.param_groups for p in g["params"]]
     for idx, slots in optim_state.items():
         for name, v in slots.items():
-            if idx >= len(plist) or (name != "step" and v.shape != plist[idx].shape):
+            if idx >= len(plist) or (name != "step" and (v.shape != plist[idx].shape
+                                                         or v.dtype != plist[idx].dtype)):
                 raise CheckpointError(f"{path}: optimizer state {idx}/{name} does not fit this model's parameters")
     try:
         optimizer.load_state_dict({"state": optim_state, "param_groups": meta["param_groups"]})

@@ -54,7 +54,7 @@ def generate_batch(model, batch: Mapping[str, Any], max_new_tokens: int, do_samp
     texts = [""] * rows
     done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = _pick(head(last), do_sample, temperature, top_p, generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         for i in (~done).nonzero()[:, 0].tolist():
@@ -66,7 +66,7 @@ def generate_batch(model, batch: Mapping[str, Any], max_new_tokens: int, do_samp
             if stop:
                 texts[i], hit = _cut(tokenizer.decode(tokens[i], skip_special_tokens=True), stop)
                 done[i] = done[i] | hit
-        if bool(done.all()):
+        if bool(done.all()) or step == max_new_tokens - 1:  # no backbone call for a token never picked
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+1)
         cache, last = _backbone_step(model, cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos)

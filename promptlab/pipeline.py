@@ -74,6 +74,8 @@ def load_run_config(path: str | Path) -> RunConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read the run config: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: cannot read the run config: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     known = {"model", "tasks", "prompt_table", "methods", "data", "training", "output_dir"}

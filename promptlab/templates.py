@@ -64,6 +64,8 @@ class TaskTemplate:
             raise self._error(f"total_virtual_tokens must be an integer >= 0, got {self.total_virtual_tokens!r}")
         if self.virtual_token_splits is None:
             self.virtual_token_splits = [self.total_virtual_tokens] if self.total_virtual_tokens else []
+        if not isinstance(self.virtual_token_splits, (list, tuple)):
+            raise self._error(f"virtual_token_splits must be a list of integers, got {self.virtual_token_splits!r}")
         self.virtual_token_splits = list(self.virtual_token_splits)
         self.segments = self._parse()
         self._validate()
@@ -216,6 +218,8 @@ def load_tasks(path: str | Path) -> dict[str, TaskTemplate]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the task file: {exc}") from exc
     if isinstance(data, dict) and "tasks" in data:
@@ -225,12 +229,15 @@ def load_tasks(path: str | Path) -> dict[str, TaskTemplate]:
 
 def parse_tasks(data: Any, source: str = "<tasks>") -> dict[str, TaskTemplate]:
     """Templates from a list of mappings or a mapping name -> settings."""
-    if isinstance(data, dict):
-        items = [TaskTemplate.from_dict(v, taskname=k) for k, v in data.items()]
-    elif isinstance(data, list):
-        items = [TaskTemplate.from_dict(v) for v in data]
-    else:
-        raise ConfigError(f"{source}: expected a list or mapping of tasks, got {type(data).__name__}")
+    try:
+        if isinstance(data, dict):
+            items = [TaskTemplate.from_dict(v, taskname=k) for k, v in data.items()]
+        elif isinstance(data, list):
+            items = [TaskTemplate.from_dict(v) for v in data]
+        else:
+            raise ConfigError(f"{source}: expected a list or mapping of tasks, got {type(data).__name__}")
+    except TemplateError as exc:  # name the file as well as the task
+        raise TemplateError(f"{source}: {exc}") from None
     tasks: dict[str, TaskTemplate] = {}
     for t in items:
         if t.taskname in tasks:

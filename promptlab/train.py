@@ -79,8 +79,24 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"TrainConfig.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("lr", "p_tuning_lr", "weight_decay", "min_lr_ratio", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (value is None and name == "max_grad_norm") and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)):
+                raise ConfigError(f"TrainConfig.{name} must be a number, got {value!r} ({type(value).__name__}); "
+                                  f"note YAML reads 1e-3 as text: write 1.0e-3")
         if self.lr <= 0 or self.p_tuning_lr <= 0:
             raise ConfigError("TrainConfig learning rates must be positive")
+        if self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"TrainConfig needs weight_decay >= 0 and 0 <= min_lr_ratio <= 1, got "
+                              f"{self.weight_decay!r} and {self.min_lr_ratio!r}")
+        for name, low in (("eval_every", 0), ("checkpoint_every", 0), ("eval_max_records", 0), ("eval_batch_size", 1),
+                          ("warmup_steps", 0), ("early_stopping_patience", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("warmup_steps", "early_stopping_patience"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -186,6 +202,7 @@ class Trainer:
             self._resume()
         else:
             torch.manual_seed(cfg.seed)
+        self._broadcast_parameters()
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 10)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         model.train()
@@ -236,13 +253,33 @@ class Trainer:
     def _label_count(self, idx: list[int]) -> int:
         return sum(sum(1 for t in self.examples[i].labels[1:] if t != IGNORE_INDEX) for i in idx)
 
-    def _sync_gradients(self, params: list[torch.Tensor], loss_sum: torch.Tensor) -> None:
-        """Sum prompt gradients (and the loss) over processes: the only communication of a step."""
+    def _broadcast_parameters(self) -> None:
+        """Start every process from the main process's prompts and encoders (as DDP does when it wraps a
+        model): ranks whose random encoder init differed would otherwise drift apart silently."""
         if self.accelerator.num_processes == 1:
             return
         import torch.distributed as dist
 
-        for p in params:
+        with torch.no_grad():
+            for p in (p for g in self.optimizer.param_groups for p in g["params"]):
+                dist.broadcast(p.data, src=0)
+
+    def _sync_gradients(self, params: list[torch.Tensor], loss_sum: torch.Tensor) -> None:
+        """Sum prompt gradients (and the loss) over processes: the only communication of a step.
+
+        A parameter that got no gradient on any process (its task was in no example of the global batch)
+        keeps ``grad=None`` so the optimizer skips it, exactly as one process would; a zero gradient
+        would still move it through Adam's momentum and weight decay.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=loss_sum.device)
+        dist.all_reduce(has_grad)
+        for p, n in zip(params, has_grad.tolist()):
+            if n == 0:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)

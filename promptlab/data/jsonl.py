@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import DataError
+from ..io import atomic_write_text
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -33,6 +32,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
         if not isinstance(value, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, found {type(value).__name__}")
         records.append(value)
@@ -45,7 +46,10 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise DataError(f"{path}: record {index} is a {type(record).__name__}, not a dict")
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: record {index} cannot be written as JSON ({exc})") from exc
     atomic_write_text(path, "".join(lines))
     return len(lines)
 
@@ -53,27 +57,3 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
 def write_json(path: str | Path, value: Any) -> None:
     """Write one JSON document (indented, sorted keys) atomically."""
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text so that readers see either the old file or the complete new one.
-
-    The text goes to a temporary file in the same folder (so the rename stays on one file system),
-    is flushed to disk, then replaces ``path`` with ``os.replace``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Never leave a half-written temporary file behind.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -125,8 +125,8 @@ def _build_squad(fetcher: Fetcher, seed: int, from_dev: bool) -> PreparedDataset
         train_path = fetcher.fetch(squad.TRAIN_FILE)
     except DownloadError as exc:
         raise DownloadError(
-            f"{squad.TRAIN_FILE} could not be had ({exc}). Pass --from-dev (from_dev=True) to split "
-            f"{squad.DEV_FILE} by article into train/validation/test instead"
+            f"SQuAD needs {squad.TRAIN_FILE}, which could not be had: {exc}. Pass --from-dev "
+            f"(from_dev=True) to split {squad.DEV_FILE} by article into train/validation/test instead"
         ) from exc
     train = _flatten(squad.parse_squad(train_path))
     dev_articles = squad.parse_squad(fetcher.fetch(squad.DEV_FILE))

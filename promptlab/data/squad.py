@@ -52,6 +52,8 @@ def parse_squad(path: str | Path) -> list[Article]:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    except RecursionError:
+        raise DataError(f"{path}: not valid SQuAD JSON (nested too deeply)") from None
     _require(document, dict, path, "top level", "an object with a 'data' list")
     articles = []
     for a, raw_article in enumerate(_require(document.get("data"), list, path, "data", "a list of articles")):

@@ -1,0 +1,148 @@
+"""The command line end to end on the tiny model and the bundled samples."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from promptlab.cli import main
+from promptlab.data import read_jsonl
+from promptlab.table import PromptTable
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for task in ("sentiment", "intent_and_slot"):
+        assert main(["prepare", task, "--out", str(root / task), "--samples"]) == 0
+    return root
+
+
+def _config(tmp_path, prepared, **overrides):
+    config = {
+        "model": "tiny",
+        "methods": [{"method": "prompt_tuning", "task": "sentiment", "init_text": "Classify the sentiment"},
+                    {"method": "p_tuning", "tasks": ["intent_and_slot"], "encoder": "mlp", "hidden_size": 32}],
+        "data": {"train": [str(prepared / "sentiment/train.jsonl"), str(prepared / "intent_and_slot/train.jsonl")],
+                 "validation": [str(prepared / "sentiment/validation.jsonl")]},
+        "training": {"max_steps": 3, "batch_size": 4, "eval_every": 0, "eval_max_records": 2, "progress": False},
+        "output_dir": str(tmp_path / "run"),
+    }
+    config.update(overrides)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_prepare_writes_splits_and_manifest(prepared):
+    manifest = json.loads((prepared / "sentiment" / "manifest.json").read_text())
+    counts = {s: len(read_jsonl(prepared / "sentiment" / f"{s}.jsonl")) for s in ("train", "validation", "test")}
+    assert counts == manifest["counts"] and counts["train"] > counts["test"] > 0
+
+
+def test_train_generate_evaluate_table(tmp_path, prepared, capsys):
+    config = _config(tmp_path, prepared)
+    assert main(["train", str(config)]) == 0
+    table = tmp_path / "run" / "prompts.safetensors"
+    assert table.exists() and (tmp_path / "run" / "history.json").exists()
+    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+    records = read_jsonl(prepared / "sentiment/test.jsonl")[:2] + read_jsonl(prepared / "intent_and_slot/test.jsonl")[:2]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--prompts", str(table), "--model", "tiny", "--input", str(inp),
+                 "--output", str(out), "--max-new-tokens", "3"]) == 0
+    predictions = read_jsonl(out)
+    assert [p["taskname"] for p in predictions] == [r["taskname"] for r in records]
+    assert all(isinstance(p["prediction"], str) for p in predictions)
+
+    metrics = tmp_path / "metrics.json"
+    assert main(["evaluate", "--prompts", str(table), "--model", "tiny", "--data", str(inp),
+                 "--output", str(metrics)]) == 0
+    results = json.loads(metrics.read_text())
+    assert set(results) == {"sentiment", "intent_and_slot"} and results["sentiment"]["n"] == 2
+    assert "intent_accuracy" in results["intent_and_slot"]
+
+    capsys.readouterr()
+    assert main(["table", "list", str(table)]) == 0
+    listing = capsys.readouterr().out
+    assert "sentiment" in listing and "prompt_tuning" in listing and "p_tuning" in listing
+    assert main(["table", "show", str(table), "sentiment"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["shape"] == [10, 64] and shown["method"] == "prompt_tuning"
+    assert main(["table", "remove", str(table), "sentiment"]) == 0
+    assert main(["table", "show", str(table), "sentiment"]) == 2  # gone: a clear error, exit 2
+    assert "not in the prompt table" in capsys.readouterr().err
+
+
+def test_resume_continues_to_the_same_end(tmp_path, prepared):
+    config = _config(tmp_path, prepared)
+    assert main(["train", str(config)]) == 0
+    first = PromptTable.load(tmp_path / "run" / "prompts.safetensors")
+    assert main(["train", str(config), "--resume"]) == 0  # already at max_steps: nothing changes
+    again = PromptTable.load(tmp_path / "run" / "prompts.safetensors")
+    assert again.tasks() == first.tasks()
+    assert all(torch.equal(again[t], first[t]) for t in first.tasks())
+
+
+def test_evaluate_baselines(tmp_path, prepared, capsys):
+    data = prepared / "sentiment/test.jsonl"
+    assert main(["evaluate", "--baseline", "zero-shot", "--model", "tiny", "--data", str(data),
+                 "--max-records", "2"]) == 0
+    assert "sentiment" in capsys.readouterr().out
+    assert main(["evaluate", "--baseline", "few-shot", "--model", "tiny", "--data", str(data), "--max-records", "2",
+                 "--train", str(prepared / "sentiment/train.jsonl")]) == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"bogus": 1}, "unknown key(s) ['bogus']"),
+    ({"methods": [{"method": "prompt_tuning", "task": "nope"}]}, "unknown task 'nope'"),
+    ({"methods": [{"method": "lora", "task": "sentiment"}]}, "must be prompt_tuning or p_tuning"),
+    ({"training": {"max_stepz": 3}}, "unknown training setting(s) ['max_stepz']"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, prepared, capsys, overrides, message):
+    assert main(["train", str(_config(tmp_path, prepared, **overrides))]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_data_line_names_file_and_line(tmp_path, prepared, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"taskname": "sentiment", "sentence": "ok", "label": "neutral"}\n{not json\n')
+    config = _config(tmp_path, prepared, data={"train": [str(bad)]})
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "not valid JSON" in err
+
+
+def test_empty_training_set(tmp_path, prepared, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["train", str(_config(tmp_path, prepared, data={"train": [str(empty)]}))]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_offline_model_name_says_so(tmp_path, prepared, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", str(_config(tmp_path, prepared, model="no-such-org/no-such-model"))]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-org/no-such-model" in err and "embedded" in err
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "promptlab", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "prepare" in out.stdout and "demo" in out.stdout
+
+
+def test_demo_quick(tmp_path):
+    from promptlab.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", quick=True, log=lambda *_: None)
+    text = report.read_text()
+    assert "zero-shot" in text and "sentiment" in text and "intent_and_slot" in text
+    for png in ("comparison.png", "curves_sentiment.png", "curves_intent_and_slot.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 1000
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["source"] == "samples" and set(results["learned"]) == {"sentiment", "intent_and_slot"}
