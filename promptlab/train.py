@@ -19,7 +19,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.features import IGNORE_INDEX, collate, encode_records, length_grouped_batches
 from .errors import CheckpointError, ConfigError, DataError
-from .evaluate import evaluate
+from .evaluate import evaluate, limit_per_task
 from .metrics import primary_score
 
 
@@ -208,7 +208,10 @@ class Trainer:
         model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training",
                    disable=not (cfg.progress and acc.is_main_process))
-        while self.state.step < cfg.max_steps:
+        # a resumed run that had early-stopped stays stopped, as one that reached max_steps does
+        stopped = (cfg.early_stopping_patience is not None
+                   and self.state.evals_without_improvement >= cfg.early_stopping_patience)
+        while self.state.step < cfg.max_steps and not stopped:
             step, start = self.state.step, time.perf_counter()
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_multiplier(step, cfg.max_steps, warmup, cfg.min_lr_ratio)
@@ -288,7 +291,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------ validation
     @torch.no_grad()
     def validation_loss(self) -> float:
-        examples, _ = encode_records(self.val_records, self.model.tasks, self.model.tokenizer,
+        """Mean loss per labelled token over the validation records of the tasks being trained (records of
+        other tasks are ignored, as by the metrics: a frozen or prompt-less task has nothing to select)."""
+        training = set(self.model.training_tasks())
+        records = [r for r in self.val_records if r.get("taskname") in training]
+        examples, _ = encode_records(records, self.model.tasks, self.model.tokenizer,
                                      self.config.max_seq_length, source="validation")
         total, count = 0.0, 0
         for idx in length_grouped_batches([len(e) for e in examples], self.config.eval_batch_size, shuffle=False):
@@ -326,14 +333,10 @@ class Trainer:
         return cfg.early_stopping_patience is not None and self.state.evals_without_improvement >= cfg.early_stopping_patience
 
     def _metric_subset(self) -> list[Mapping[str, Any]]:
-        per_task: dict[str, int] = {}
-        subset = []
-        for r in self.val_records:
-            t = r.get("taskname")
-            if per_task.get(t, 0) < self.config.eval_max_records and t in self.model.training_tasks():
-                per_task[t] = per_task.get(t, 0) + 1
-                subset.append(r)
-        return subset
+        """The first ``eval_max_records`` validation records of each task being trained."""
+        training = set(self.model.training_tasks())
+        return limit_per_task([r for r in self.val_records if r.get("taskname") in training],
+                              self.config.eval_max_records)
 
     # ----------------------------------------------------------------------------------- checkpoints
     @property

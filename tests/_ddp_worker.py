@@ -15,15 +15,16 @@ import sys
 from pathlib import Path
 
 
-def build(spec: dict, init_seed: int):
+def build(spec: dict, init_seed: int, base=None):
     """The model and Trainer that ``spec`` describes: prompt tuning of sentiment plus LSTM p-tuning of
-    intent_and_slot, on the tiny Llama-style base (CPU). ``init_seed`` seeds the encoder's random init."""
+    intent_and_slot, on the tiny Llama-style base (CPU; ``base``: an already loaded one). ``init_seed``
+    seeds the encoder's random init."""
     import torch
 
     import promptlab as pl
 
+    base = base if base is not None else pl.load_base_model("tiny", device="cpu")
     torch.manual_seed(init_seed)
-    base = pl.load_base_model("tiny", device="cpu")
     model = pl.PromptLearningModel(base, pl.default_tasks())
     model.add_prompt_tuning("sentiment", init_text="Classify the sentiment of this financial news")
     model.add_p_tuning(["intent_and_slot"], encoder="lstm", hidden_size=spec.get("encoder_hidden", 32),

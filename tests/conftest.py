@@ -6,6 +6,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tiny test models are too small to gain from two threads; one thread keeps the suite steady on a busy machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

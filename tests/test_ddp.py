@@ -64,7 +64,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_two_processes_match_one_process(tmp_path, one_thread):
+@pytest.mark.slow  # ~35 s on a busy 2-core machine: two fresh interpreters import torch and transformers
+def test_two_processes_match_one_process(tmp_path, one_thread, tiny_base):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(_spec(batch_size=4)))
     out = tmp_path / "out"
@@ -86,8 +87,9 @@ def test_two_processes_match_one_process(tmp_path, one_thread):
     assert "gloo" in infos[0]["backend"]
 
     # the same setup in this process, with the global batch (2 x 4) as one batch
-    trainer = _worker_module().build(_spec(batch_size=8), init_seed=11)
+    trainer = _worker_module().build(_spec(batch_size=8), init_seed=11, base=tiny_base)
     assert trainer.accelerator.num_processes == 1
+    single_initial = {k: v.detach().clone() for k, v in trainer.model.trainable_state_dict().items()}
     history = trainer.fit()
     single = {k: v.detach().clone() for k, v in trainer.model.trainable_state_dict().items()}
 
@@ -115,7 +117,6 @@ def test_two_processes_match_one_process(tmp_path, one_thread):
     for k, v in single.items():
         assert torch.equal(final[k], rank1[k]), f"{k}: the two ranks disagree"
         torch.testing.assert_close(final[k], v, atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
-    single_initial = _worker_module().build(_spec(batch_size=8), init_seed=11).model.trainable_state_dict()
-    assert all(torch.equal(single_initial[k], initial[k]) for k in initial)
+    assert all(torch.equal(single_initial[k], initial[k]) for k in initial)  # rank 0 = the single process's init
     moved = [k for k in single if not torch.equal(single[k], initial[k])]
     assert "prompt_embeddings.sentiment.weight" in moved and "encoders.encoder0.inputs.intent_and_slot" in moved

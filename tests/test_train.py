@@ -170,7 +170,7 @@ def test_history_lr_follows_the_schedule(tiny_base, tasks):
 @pytest.mark.parametrize("grad_accum,with_val", [(1, True), (2, False)])
 def test_interrupted_run_resumes_exactly(tiny_base, tasks, tmp_path, grad_accum, with_val):
     train = sentiment_records(10, 0) + intent_records(10)
-    val = (sentiment_records(4, 9) + intent_records(3)) if with_val else None
+    val = (sentiment_records(3, 9) + intent_records(2)) if with_val else None
     cfg = dict(max_steps=6, grad_accum=grad_accum, checkpoint_every=2, eval_every=2 if with_val else 0,
                group_by_length=False)
 
@@ -208,28 +208,39 @@ def test_interrupted_run_resumes_exactly(tiny_base, tasks, tmp_path, grad_accum,
     assert_same_params(trainable(again), ref_final)
 
 
-def test_resume_restores_optimizer_and_rng_not_just_prompts(tiny_base, tasks, tmp_path):
-    """Prompts alone are not enough: the Adam moments and the dropout RNG must come back too."""
+def test_checkpoint_restores_optimizer_and_rng_not_just_prompts(tiny_base, tasks, tmp_path):
+    """Prompts alone are not enough for an exact resume: the Adam moments and the RNG come back too."""
     train = sentiment_records(8, 0) + intent_records(8)
-    ref_model = make_model(tiny_base, tasks, p_tuning=True)
-    Trainer(ref_model, train, None, config(max_steps=4)).fit()
-
     model = make_model(tiny_base, tasks, p_tuning=True)
     first = Trainer(model, train, None, config(max_steps=4, checkpoint_every=2, output_dir=str(tmp_path)))
-    interrupt_after_checkpoint(first, at_step=2)
+    rng_at_save = []
+    real = first.save_checkpoint
+
+    def save_then_stop():
+        rng_at_save.append(torch.get_rng_state())
+        real()
+        raise Interrupted(first.state.step)
+
+    first.save_checkpoint = save_then_stop
     with pytest.raises(Interrupted):
         first.fit()
-    fresh = make_model(tiny_base, tasks, p_tuning=True)
+
+    fresh = make_model(tiny_base, tasks, p_tuning=True, init_seed=5)
     trainer = Trainer(fresh, train, None, config(max_steps=4, output_dir=str(tmp_path)))
+    torch.manual_seed(12345)
     state = load_checkpoint(trainer.checkpoint_path, fresh, trainer.optimizer, trainer.config.resume_key())
-    assert state.step == 2
-    assert all(len(s) for s in trainer.optimizer.state.values()) and len(trainer.optimizer.state) > 0
-    # a Trainer that only copies the prompts (fresh optimizer) ends elsewhere
-    fresh_optimizer = torch.optim.AdamW(trainer._param_groups(), weight_decay=0.0)
-    trainer.optimizer = fresh_optimizer
-    trainer.state = state
-    trainer.fit(resume=False)
-    assert not all(torch.equal(v, trainable(ref_model)[k]) for k, v in trainable(fresh).items())
+    assert state.step == 2 and [h["step"] for h in state.history] == [1, 2]
+    assert torch.equal(torch.get_rng_state(), rng_at_save[0])
+    assert_same_params(trainable(fresh), trainable(model))
+    old = [p for g in first.optimizer.param_groups for p in g["params"]]
+    new = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert len(old) == len(new) and sum(1 for p in old if first.optimizer.state[p]) > 0
+    for po, pn in zip(old, new):
+        saved, loaded = first.optimizer.state[po], trainer.optimizer.state[pn]
+        assert set(saved) == set(loaded)
+        for k in saved:
+            assert torch.equal(torch.as_tensor(saved[k]), torch.as_tensor(loaded[k])), k
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [g["lr"] for g in first.optimizer.param_groups]
 
 
 # ------------------------------------------------------------------------------------------- refusal
@@ -400,6 +411,20 @@ def test_trainer_rejects_bad_inputs(tiny_base, tasks):
         Trainer(untrained, sentiment_records(4, 0), None, config())
 
 
+def test_validation_ignores_records_of_tasks_not_being_trained(tiny_base, tasks):
+    """A shared validation file may hold every task; only the trained ones count (intent_and_slot has no
+    prompt here at all, so scoring it would crash)."""
+    val = sentiment_records(4, 1)
+    model = make_model(tiny_base, tasks)
+    mixed = Trainer(model, sentiment_records(8, 0), val + intent_records(3), config(max_steps=2, eval_every=1))
+    only = Trainer(model, sentiment_records(8, 0), val, config(max_steps=2))
+    assert mixed.validation_loss() == only.validation_loss()
+    history = mixed.fit()
+    evals = [h for h in history if "val_loss" in h]
+    assert [h["step"] for h in evals] == [1, 2]
+    assert not any("intent_and_slot" in k for h in evals for k in h)
+
+
 # ------------------------------------------------------------------------------------------- best prompts
 def test_keep_best_restores_the_best_validation(tiny_base, tasks):
     train, val = sentiment_records(16, 1), sentiment_records(8, 2)
@@ -450,6 +475,13 @@ def test_early_stopping_stops_when_validation_cannot_improve(tiny_base, tasks, t
     state = load_checkpoint(trainer.checkpoint_path, make_model(tiny_base, tasks), trainer.optimizer,
                             trainer.config.resume_key())
     assert state.step == 3
+
+    # resuming the stopped run does not train on: it stopped for good, like a run that reached max_steps
+    fresh = make_model(tiny_base, tasks, init_seed=8)
+    again = Trainer(fresh, train, val, config(max_steps=20, eval_every=1, lr=1e-12, early_stopping_patience=2,
+                                              checkpoint_every=0, output_dir=str(tmp_path)))
+    assert steps_only(again.fit(resume=True)) == steps_only(history)
+    assert_same_params(trainable(fresh), trainable(model))
 
     # without patience the same run goes on to max_steps
     endless = Trainer(make_model(tiny_base, tasks), train, val, config(max_steps=5, eval_every=1, lr=1e-12))
