@@ -59,7 +59,8 @@ def build_model(base, tasks):
     torch.manual_seed(SEED)
     model = pl.PromptLearningModel(base, tasks, max_seq_length=96)
     model.add_prompt_tuning("sentiment", init_text="Classify the sentiment of this financial news")
-    model.add_p_tuning(["intent_and_slot"], encoder="lstm", hidden_size=16, num_layers=1, init="vocab")
+    # dropout makes the run depend on the RNG stream, so a resume must restore it exactly
+    model.add_p_tuning(["intent_and_slot"], encoder="lstm", hidden_size=16, num_layers=2, dropout=0.2, init="vocab")
     return model
 
 

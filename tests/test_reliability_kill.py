@@ -16,6 +16,7 @@ import random
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,9 +41,9 @@ class Worker:
 
     def __init__(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child never blocks
         self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
-        self.stderr_lines: list[str] = []
+                                     stderr=self.stderr, text=True, env=env)
         assert self.read(timeout=180) == {"event": "ready"}, self.failure()
 
     def read(self, timeout: float = 120) -> dict:
@@ -55,9 +56,8 @@ class Worker:
         return json.loads(line)
 
     def failure(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        return "\n" + self.proc.stderr.read()[-4000:]
+        self.stderr.seek(0)
+        return "\n" + self.stderr.read()[-4000:]
 
     def run(self, **cmd) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -72,7 +72,7 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.stderr.close()
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_kills_at_chosen_points_then_resume_bit_identical(worker, reference, tmp
         else:
             plan = {"at": "write", "nth": nth, "stage": kind, "frac": round(rng.uniform(0.01, 0.99), 3)}
         result = worker.run(op="train", out=str(out), resume=start > 0, max_steps=MAX_STEPS, pause=plan)
-        assert result["status"] == "killed", (plan, result)
+        assert result["status"] == "killed", (plan, result, worker.failure())
         kills += 1
         outcomes.append((start, plan, result["where"]))
         assert checkpoint_step(out) == expected_step(start, plan), (start, plan)

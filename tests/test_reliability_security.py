@@ -17,6 +17,7 @@ import http.server
 import io
 import os
 import pickle
+import re
 import shutil
 import stat
 import threading
@@ -45,7 +46,8 @@ SAMPLES = download.SAMPLES_DIR
 PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}
 UNSAFE_YAML = {"load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all", "Loader",
                "FullLoader", "UnsafeLoader"}
-LITERAL_BANS = ["pickle", "torch.load", "eval(", "exec(", "yaml.load(", "yaml.unsafe_load", "yaml.full_load"]
+LITERAL_BANS = {"pickle": r"pickle", "torch.load": r"torch\.load\b", "eval(": r"(?<![\w.])eval\(",
+                "exec(": r"(?<![\w.])exec\(", "yaml.load(": r"yaml\.(load|unsafe_load|full_load)(_all)?\("}
 
 
 def code_only(source: str) -> str:
@@ -55,16 +57,16 @@ def code_only(source: str) -> str:
         if tok.type in (tokenize.COMMENT, tokenize.STRING) or tok.type == getattr(tokenize, "FSTRING_MIDDLE", -1):
             continue
         out.append(tok.string)
-    return " ".join(out).replace(" (", "(").replace(" .", ".").replace(". ", ".")
+    return re.sub(r"\s*([().=,\[\]])\s*", r"\1", " ".join(out))  # "x . load ( a = 1 )" -> "x.load(a=1)"
 
 
 def unsafe_uses(source: str, filename: str = "<src>") -> list[str]:
     """Every way ``source`` could run code from data: the literal patterns, then an AST check of calls."""
     found = []
     code = code_only(source)
-    for pattern in LITERAL_BANS:
-        if pattern in code and not (pattern == "torch.load" and "weights_only=True" in code):
-            found.append(f"{filename}: '{pattern}' in the code")
+    for name, pattern in LITERAL_BANS.items():
+        if re.search(pattern, code) and not (name == "torch.load" and "weights_only=True" in code):
+            found.append(f"{filename}: '{name}' in the code")
     tree = ast.parse(source, filename)
     for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
@@ -195,8 +197,7 @@ def test_pickle_files_renamed_safetensors_are_refused(tiny_base, tmp_path):
     payloads["torch.save"] = buffer.getvalue()
     model = pl.PromptLearningModel(tiny_base, pl.default_tasks())
     model.add_prompt_tuning("sentiment", init_text="Classify")
-    optimizer = torch.optim.AdamW(model.parameters_to_train() if hasattr(model, "parameters_to_train")
-                                  else [p for p in model.parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     for label, data in payloads.items():
         path = tmp_path / "prompts.safetensors"
@@ -277,7 +278,7 @@ def test_real_registry_covers_every_file_the_builders_read(parsed, monkeypatch):
         prepare.build_dataset(name, fetcher, **options)
     assert set(asked) == set(registry.entries)  # every listed file is needed, every needed file listed
     assert len(asked) >= 4 + 64 + 64 + 2
-    assert len(parsed) == len(asked) + 1  # squad's dev file is read by both squad builds
+    assert len(parsed) == len(asked)  # each file asked for was parsed once per build that needs it
 
 
 @pytest.mark.parametrize("relpath", sorted(samples_registry().entries))
@@ -362,6 +363,7 @@ def test_bad_downloads_are_removed_and_never_used(server, tmp_path, no_sleep, ki
     with pytest.raises(DownloadError) as info:
         fetcher.fetch(DEV)
     assert DEV in str(info.value)
+    assert ("could not download" if kind.startswith("cut") else "sha256 mismatch") in str(info.value)
     assert files_in(cache) == []  # neither the bad file nor a temporary copy stays in the cache
     server.files["/" + DEV], server.cut = good, 0  # once the server is fixed, the real file arrives
     path = fetcher.fetch(DEV)
