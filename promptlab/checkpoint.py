@@ -6,16 +6,15 @@ sha256 of every tensor and is itself checksummed, so a flipped byte anywhere is 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
-from .io import load_safetensors, save_safetensors, tensor_sha256
+from .io import check_tensor_sums, load_signed, save_signed, tensor_sha256
 
 FORMAT = "promptlab.checkpoint.v1"
+META_KEY = "promptlab_checkpoint"
 
 
 def save_checkpoint(path: Path, model, optimizer, state, config_key: dict) -> None:
@@ -35,26 +34,12 @@ def save_checkpoint(path: Path, model, optimizer, state, config_key: dict) -> No
             "best_step": state.best_step, "evals_without_improvement": state.evals_without_improvement,
             "config": config_key, "spec": model.trainable_spec(), "param_groups": groups,
             "sha256": {k: tensor_sha256(v) for k, v in tensors.items()}}
-    text = json.dumps(meta)
-    save_safetensors(path, tensors, {"promptlab_checkpoint": text, "promptlab_checkpoint_sha256": _sha256(text)})
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    save_signed(path, tensors, META_KEY, meta)
 
 
 def _check_meta(path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     """The checksums match every tensor, and the fields a resume relies on have their types."""
-    sums = meta.get("sha256")
-    if not isinstance(sums, dict):
-        raise CheckpointError(f"{path}: no tensor checksums in the metadata: corrupt, edited, or written by "
-                              f"an older promptlab; start afresh")
-    if set(sums) != set(tensors):
-        raise CheckpointError(f"{path}: tensors and metadata disagree (unknown {sorted(set(tensors) - set(sums))}, "
-                              f"missing {sorted(set(sums) - set(tensors))}): corrupt file")
-    for k, t in tensors.items():
-        if tensor_sha256(t) != sums[k]:
-            raise CheckpointError(f"{path}: tensor {k!r} does not match its recorded sha256: corrupt file")
+    check_tensor_sums(path, tensors, meta.get("sha256"), CheckpointError)
     ok = (isinstance(meta.get("step"), int) and meta["step"] >= 0 and isinstance(meta.get("history"), list)
           and (meta.get("best_step") is None or isinstance(meta["best_step"], int))
           and (meta.get("best_score") is None or isinstance(meta["best_score"], (int, float)))
@@ -76,19 +61,9 @@ def load_checkpoint(path: Path, model, optimizer, config_key: dict):
     """
     from .train import TrainState
 
-    tensors, raw = load_safetensors(path, CheckpointError)
-    text = raw.get("promptlab_checkpoint")
-    if text is None:
-        raise CheckpointError(f"{path}: not a promptlab training checkpoint (no promptlab_checkpoint metadata)")
-    if raw.get("promptlab_checkpoint_sha256") != _sha256(text):
-        raise CheckpointError(f"{path}: the metadata does not match its sha256 (missing or different): "
-                              f"corrupt or edited file")
-    try:
-        meta = json.loads(text)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError("wrong format")
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not a promptlab training checkpoint ({exc})") from exc
+    tensors, meta = load_signed(path, META_KEY, CheckpointError, "promptlab training checkpoint")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a promptlab training checkpoint of format {FORMAT}")
     _check_meta(path, meta, tensors)
     spec, mine = meta.get("spec", {}), model.trainable_spec()
     if spec.get("base_fingerprint") != mine["base_fingerprint"]:

@@ -128,3 +128,48 @@ def load_safetensors(path: str | Path, error: Callable[[str], Exception]) -> tup
     except Exception as exc:  # safetensors raises its own error type
         raise error(f"{path}: cannot decode tensors: {exc}") from exc
     return tensors, metadata
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def save_signed(path: str | Path, tensors: dict[str, torch.Tensor], key: str, meta: dict) -> None:
+    """Write tensors with ``meta`` as JSON under metadata ``key``, signed by its sha256 under ``key_sha256``."""
+    text = json.dumps(meta, sort_keys=True)
+    save_safetensors(path, tensors, {key: text, f"{key}_sha256": text_sha256(text)})
+
+
+def load_signed(path: str | Path, key: str, error: Callable[[str], Exception],
+                what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by `save_signed`; a missing, edited or unparsable metadata raises ``error``.
+
+    The metadata carries the templates, settings and tensor checksums: a flipped byte there must not load.
+    """
+    tensors, raw = load_safetensors(path, error)
+    text = raw.get(key)
+    if text is None:
+        raise error(f"{path}: no {key} metadata: not a {what}")
+    if raw.get(f"{key}_sha256") != text_sha256(text):
+        raise error(f"{path}: the metadata does not match its sha256 ({key}_sha256 missing or different): "
+                    f"corrupt or edited file")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{path}: metadata is not valid JSON ({exc}): not a {what}") from exc
+    if not isinstance(meta, dict):
+        raise error(f"{path}: metadata is not a JSON object: not a {what}")
+    return tensors, meta
+
+
+def check_tensor_sums(path: str | Path, tensors: dict[str, torch.Tensor], sums, error: Callable[[str], Exception]) -> None:
+    """Every tensor is listed in ``sums`` (name -> sha256) and matches it; nothing else is listed."""
+    if not isinstance(sums, dict):
+        raise error(f"{path}: no tensor checksums in the metadata: corrupt, edited, or written by an older "
+                    f"promptlab")
+    if set(sums) != set(tensors):
+        raise error(f"{path}: tensors and metadata disagree (unknown {sorted(set(tensors) - set(sums))}, "
+                    f"missing {sorted(set(sums) - set(tensors))}): corrupt file")
+    for k, t in tensors.items():
+        if tensor_sha256(t) != sums[k]:
+            raise error(f"{path}: tensor {k!r} does not match its recorded sha256: corrupt file")

@@ -6,7 +6,6 @@ comes from a trainable `PromptEmbedding`, a shared `PromptEncoder`, or the froze
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from .data.features import IGNORE_INDEX, collate, encode_records
 from .errors import CheckpointError, DataError
-from .io import load_safetensors, save_safetensors
+from .io import check_tensor_sums, load_signed, save_signed, tensor_sha256
 from .models import BaseModel, count_parameters
 from .prompts import EncoderConfig, PromptEmbedding, PromptEncoder, initial_prompt
 from .table import PromptTable
@@ -275,16 +274,20 @@ class PromptLearningModel(nn.Module):
 
     def save_trainable(self, path: str | Path) -> None:
         """Save the unfrozen prompts and encoders (to resume training later), safetensors only."""
-        save_safetensors(path, self.trainable_state_dict(), {"promptlab_trainable": json.dumps(self.trainable_spec())})
+        tensors = self.trainable_state_dict()
+        spec = {**self.trainable_spec(), "sha256": {k: tensor_sha256(v) for k, v in tensors.items()}}
+        save_signed(path, tensors, "promptlab_trainable", spec)
 
     def load_trainable(self, path: str | Path) -> None:
         """Rebuild and restore the trainable modules saved by `save_trainable`, exactly."""
-        tensors, meta = load_safetensors(path, CheckpointError)
+        tensors, spec = load_signed(path, "promptlab_trainable", CheckpointError, "promptlab trainable file")
+        check_tensor_sums(path, tensors, spec.get("sha256"), CheckpointError)
         try:
-            spec = json.loads(meta["promptlab_trainable"])
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: no trainable-prompt metadata: not a promptlab trainable file") from exc
-        self.restore_trainable(spec, tensors, str(path))
+            self.restore_trainable(spec, tensors, str(path))
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed trainable-prompt metadata: {exc}") from exc
 
     def restore_trainable(self, spec: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
         if spec.get("base_fingerprint") != self.base.fingerprint:

@@ -7,8 +7,6 @@ tensors untouched, bit for bit.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +15,7 @@ import torch
 
 from . import __version__
 from .errors import PromptTableError
-from .io import load_safetensors, save_safetensors, tensor_sha256
+from .io import load_signed, save_signed, tensor_sha256
 from .templates import TaskTemplate
 
 FORMAT = "promptlab.prompt_table.v1"
@@ -118,8 +116,7 @@ class PromptTable:
                               "template": e.template.to_dict(), "sha256": tensor_sha256(e.prompt)}
                           for t, e in self._entries.items()}}
         tensors = {t: e.prompt for t, e in self._entries.items()}
-        text = json.dumps(meta, sort_keys=True)
-        save_safetensors(path, tensors, {"promptlab": text, "promptlab_sha256": _sha256(text)})
+        save_signed(path, tensors, "promptlab", meta)
 
     @classmethod
     def load(cls, path: str | Path, base=None, check_base: bool = True) -> "PromptTable":
@@ -127,8 +124,8 @@ class PromptTable:
 
         Every problem raises `PromptTableError` naming the file and what is wrong; nothing is changed.
         """
-        tensors, raw_meta = load_safetensors(path, PromptTableError)
-        meta = _parse_meta(path, raw_meta)
+        tensors, meta = load_signed(path, "promptlab", PromptTableError, "prompt table file")
+        _check_meta(path, meta)
         if base is not None and check_base:
             if meta["hidden_size"] != base.hidden_size:
                 raise PromptTableError(f"{path}: made for hidden size {meta['hidden_size']} "
@@ -159,24 +156,9 @@ class PromptTable:
         return table
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _parse_meta(path, raw_meta: dict[str, str]) -> dict:
-    if "promptlab" not in raw_meta:
-        raise PromptTableError(f"{path}: no promptlab metadata: not a prompt table file")
-    # the metadata holds the templates and checksums: a flipped byte there must not load as another template
-    if raw_meta.get("promptlab_sha256") != _sha256(raw_meta["promptlab"]):
-        raise PromptTableError(f"{path}: the metadata does not match its sha256 (promptlab_sha256 missing or "
-                               f"different): corrupt or edited file")
-    try:
-        meta = json.loads(raw_meta["promptlab"])
-    except json.JSONDecodeError as exc:
-        raise PromptTableError(f"{path}: metadata is not valid JSON: {exc}") from exc
+def _check_meta(path, meta: dict) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PromptTableError(f"{path}: not a prompt table of format {FORMAT}")
     for key, kind in (("base_model", str), ("hidden_size", int), ("fingerprint", str), ("tasks", dict)):
         if not isinstance(meta.get(key), kind):
             raise PromptTableError(f"{path}: metadata field {key!r} is missing or not a {kind.__name__}")
-    return meta

@@ -424,6 +424,13 @@ def test_save_and_load_trainable_restores_exactly(tiny_base, tiny_gpt2_base, tmp
     with pytest.raises(CheckpointError, match="not a promptlab trainable file"):
         fresh.load_trainable(table_file)
 
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # a flipped bit in the last tensor's data
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
+        pl.PromptLearningModel(tiny_base, all_tasks()).load_trainable(flipped)
+
 
 # ---------------------------------------------------------------------------------------- generate
 def test_generate_unknown_task_names_it_and_the_known_tasks(tiny_base):
