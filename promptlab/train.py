@@ -157,6 +157,8 @@ class Trainer:
             raise DataError(f"no training example fits max_seq_length={self.config.max_seq_length}")
         self.accelerator = Accelerator(mixed_precision=self._precision(), cpu=model.base.device.type == "cpu")
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=self.config.weight_decay)
+        # fp16 needs loss scaling; the scaler is ours (not Accelerate's) since the optimizer is a plain one
+        self.scaler = torch.amp.GradScaler("cuda") if self._precision() == "fp16" else None
         self.state = TrainState()
 
     def _precision(self) -> str:
@@ -197,61 +199,69 @@ class Trainer:
         """Train to ``max_steps`` (or early stop); returns the history (one dict per step and validation)."""
         from tqdm.auto import tqdm
 
-        cfg, acc, model = self.config, self.accelerator, self.model
+        cfg = self.config
         if resume:
             self._resume()
         else:
             torch.manual_seed(cfg.seed)
         self._broadcast_parameters()
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 10)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        model.train()
+        self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training",
-                   disable=not (cfg.progress and acc.is_main_process))
+                   disable=not (cfg.progress and self.accelerator.is_main_process))
         # a resumed run that had early-stopped stays stopped, as one that reached max_steps does
-        stopped = (cfg.early_stopping_patience is not None
-                   and self.state.evals_without_improvement >= cfg.early_stopping_patience)
-        while self.state.step < cfg.max_steps and not stopped:
-            step, start = self.state.step, time.perf_counter()
-            for g in self.optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_multiplier(step, cfg.max_steps, warmup, cfg.min_lr_ratio)
-            micro = self._step_batches(step)
-            tokens = sum(self._label_count(idx) for idx in micro)  # labelled tokens in the global step
-            loss_sum = torch.zeros((), device=model.base.device)
-            for idx in micro:
-                mine = idx[acc.process_index :: acc.num_processes]  # this process's share
-                if not mine:
-                    continue
-                batch = collate([self.examples[i] for i in mine], model.tokenizer.pad_token_id, "right")
-                with acc.autocast():
-                    loss = model(batch, reduction="sum") / tokens
-                acc.backward(loss)
-                loss_sum += loss.detach()
-            self._sync_gradients(params, loss_sum)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
-                         else torch.zeros(()))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.step = step + 1
-            self.state.history.append({"step": step + 1, "loss": loss_sum.item(), "lr": self.optimizer.param_groups[0]["lr"],
-                                       "grad_norm": float(grad_norm), "tokens": tokens,
-                                       "seconds": time.perf_counter() - start})
+        stop = (cfg.early_stopping_patience is not None
+                and self.state.evals_without_improvement >= cfg.early_stopping_patience)
+        while self.state.step < cfg.max_steps and not stop:
+            record = self.train_step(self.state.step)
+            self.state.step += 1
+            self.state.history.append(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum.item():.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
             last = self.state.step == cfg.max_steps
-            stop = False
             if (cfg.eval_every and self.state.step % cfg.eval_every == 0) or last:
                 stop = self._validate()
             if cfg.output_dir and ((cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0)
                                    or last or stop):
                 self.save_checkpoint()
-            if stop:
-                break
         bar.close()
         if cfg.keep_best and self.state.best_params is not None:
             self.model.load_state_dict(self.state.best_params, strict=False)
-        model.eval()
+        self.model.eval()
         return self.state.history
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step over the step's global micro-batches; returns its history record."""
+        cfg, acc, model = self.config, self.accelerator, self.model
+        start = time.perf_counter()
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 10)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_multiplier(step, cfg.max_steps, warmup, cfg.min_lr_ratio)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        micro = self._step_batches(step)
+        tokens = sum(self._label_count(idx) for idx in micro)  # labelled tokens in the global step
+        loss_sum = torch.zeros((), device=model.base.device)
+        for idx in micro:
+            mine = idx[acc.process_index :: acc.num_processes]  # this process's share
+            if not mine:
+                continue
+            batch = collate([self.examples[i] for i in mine], model.tokenizer.pad_token_id, "right")
+            with acc.autocast():
+                loss = model(batch, reduction="sum") / tokens
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+        self._sync_gradients(params, loss_sum)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
+                     else torch.zeros(()))
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the step when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": step + 1, "loss": loss_sum.item(), "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm), "tokens": tokens, "seconds": time.perf_counter() - start}
 
     def _label_count(self, idx: list[int]) -> int:
         return sum(sum(1 for t in self.examples[i].labels[1:] if t != IGNORE_INDEX) for i in idx)
