@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .io import check_tensor_sums, load_signed, save_signed, tensor_sha256
+from .io import check_same_layout, check_tensor_sums, load_signed, save_signed, tensor_sha256
 
 FORMAT = "promptlab.checkpoint.v1"
 META_KEY = "promptlab_checkpoint"
@@ -79,9 +79,9 @@ def load_checkpoint(path: Path, model, optimizer, config_key: dict):
     params = model.trainable_state_dict()
     saved = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
-    _check_same(path, "parameters", params, saved)
+    check_same_layout(path, "parameters", params, saved, CheckpointError)
     if best:
-        _check_same(path, "best parameters", params, best)
+        check_same_layout(path, "best parameters", params, best, CheckpointError)
     optim_state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim/"):
@@ -111,13 +111,3 @@ def load_checkpoint(path: Path, model, optimizer, config_key: dict):
     return TrainState(step=meta["step"], history=meta["history"], best_score=meta["best_score"],
                       best_step=meta["best_step"], best_params=best or None,
                       evals_without_improvement=meta["evals_without_improvement"])
-
-
-def _check_same(path, what: str, expected: dict, saved: dict) -> None:
-    if set(expected) != set(saved):
-        raise CheckpointError(f"{path}: {what} do not match the model: unexpected {sorted(set(saved) - set(expected))}, "
-                              f"missing {sorted(set(expected) - set(saved))}")
-    for k, v in expected.items():
-        if v.shape != saved[k].shape or v.dtype != saved[k].dtype:
-            raise CheckpointError(f"{path}: {what} {k!r} is {tuple(saved[k].shape)} {saved[k].dtype}, "
-                                  f"expected {tuple(v.shape)} {v.dtype}")

@@ -180,3 +180,15 @@ def check_tensor_sums(path: str | Path, tensors: dict[str, torch.Tensor], sums, 
     for k, t in tensors.items():
         if tensor_sha256(t) != sums[k]:
             raise error(f"{path}: tensor {k!r} does not match its recorded sha256: corrupt file")
+
+
+def check_same_layout(where, what: str, expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor],
+                      error: Callable[[str], Exception]) -> None:
+    """``saved`` has exactly the names, shapes and dtypes of ``expected``, or ``error`` names the difference."""
+    if set(expected) != set(saved):
+        raise error(f"{where}: {what} do not match the model: unexpected {sorted(set(saved) - set(expected))}, "
+                    f"missing {sorted(set(expected) - set(saved))}")
+    for k, v in expected.items():
+        if v.shape != saved[k].shape or v.dtype != saved[k].dtype:
+            raise error(f"{where}: {what} {k!r} is {tuple(saved[k].shape)} {saved[k].dtype}, "
+                        f"expected {tuple(v.shape)} {v.dtype}")

@@ -15,7 +15,7 @@ from torch import nn
 
 from .data.features import IGNORE_INDEX, collate, encode_records
 from .errors import CheckpointError, DataError
-from .io import check_tensor_sums, load_signed, save_signed, tensor_sha256
+from .io import check_same_layout, check_tensor_sums, load_signed, save_signed, tensor_sha256
 from .models import BaseModel, count_parameters
 from .prompts import EncoderConfig, PromptEmbedding, PromptEncoder, initial_prompt
 from .table import PromptTable
@@ -303,12 +303,5 @@ class PromptLearningModel(nn.Module):
         for key, enc in spec["encoders"].items():
             inputs = {t: torch.zeros(self.tasks[t].total_virtual_tokens, dim) for t in enc["tasks"]}
             self.encoders[key] = PromptEncoder(inputs, dim, EncoderConfig(**enc["config"])).to(self.base.device)
-        expected = self.trainable_state_dict()
-        if set(expected) != set(tensors):
-            raise CheckpointError(f"{where}: parameter names do not match: unexpected "
-                                  f"{sorted(set(tensors) - set(expected))}, missing {sorted(set(expected) - set(tensors))}")
-        for k, v in expected.items():
-            if v.shape != tensors[k].shape or v.dtype != tensors[k].dtype:
-                raise CheckpointError(f"{where}: parameter {k!r} is {tuple(tensors[k].shape)} {tensors[k].dtype}, "
-                                      f"expected {tuple(v.shape)} {v.dtype}")
+        check_same_layout(where, "parameters", self.trainable_state_dict(), tensors, CheckpointError)
         self.load_state_dict(tensors, strict=False)
