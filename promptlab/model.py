@@ -13,13 +13,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.features import IGNORE_INDEX, collate, encode_records
+from .data.features import IGNORE_INDEX, collate, encode_records, pack_batch
 from .errors import CheckpointError, DataError
 from .io import check_same_layout, check_tensor_sums, load_signed, save_signed, tensor_sha256
 from .models import BaseModel, count_parameters
 from .prompts import EncoderConfig, PromptEmbedding, PromptEncoder, initial_prompt
 from .table import PromptTable
 from .templates import TaskTemplate
+
+
+def _packs(lm: nn.Module) -> bool:
+    """Whether the backbone takes a ready (B, 1, T, T) attention mask: transformers' mask utilities with
+    SDPA or eager attention (other kernels, e.g. flash-attention, get padded rows)."""
+    import importlib.util
+
+    return (getattr(lm.config, "_attn_implementation", None) in ("sdpa", "eager")
+            and importlib.util.find_spec("transformers.masking_utils") is not None)
+
+
+# Text the prompts of the tutorial tasks start from when no init_text is given (text init). The sentiment
+# one reached 0.934 validation accuracy after 150 steps on Financial PhraseBank (bench/quality.py).
+DEFAULT_INIT_TEXTS = {
+    "sentiment": "Classify the sentiment of this financial news as positive, neutral or negative",
+    "intent_and_slot": "Predict the intent and the slots of this assistant request",
+    "squad": "Answer the question with a short span copied from the context",
+}
 
 
 class PromptLearningModel(nn.Module):
@@ -42,6 +60,8 @@ class PromptLearningModel(nn.Module):
         for name in self.prompt_table:
             self.tasks.setdefault(name, self.prompt_table.entry(name).template)
         self.max_seq_length = max_seq_length
+        # the loss packs each batch (no padding, shared prefixes once): same result, less work; off: padded rows
+        self.pack_sequences = True
         self.prompt_embeddings = nn.ModuleDict()  # task -> PromptEmbedding (prompt tuning, training)
         self.encoders = nn.ModuleDict()  # "encoder0", ... -> PromptEncoder shared by its tasks (p-tuning)
 
@@ -66,7 +86,8 @@ class PromptLearningModel(nn.Module):
         if n != template.total_virtual_tokens:
             raise ValueError(f"task {task!r}: num_virtual_tokens={n} but its template has "
                              f"{template.total_virtual_tokens} virtual tokens")
-        return initial_prompt(n, self.lm.get_input_embeddings().weight, self.tokenizer, init, init_text, generator)
+        text = init_text or DEFAULT_INIT_TEXTS.get(task)
+        return initial_prompt(n, self.lm.get_input_embeddings().weight, self.tokenizer, init, text, generator)
 
     def add_prompt_tuning(self, task: str, num_virtual_tokens: int | None = None, init_text: str | None = None,
                           init: str = "text", generator: torch.Generator | None = None) -> PromptEmbedding:
@@ -172,10 +193,9 @@ class PromptLearningModel(nn.Module):
         ``reduction``: "mean" over all labelled tokens (a scalar), "sum", or "none" (per example mean, (B,)).
         """
         batch = self.to_device(batch)
-        hidden = self.hidden_states(batch)  # (B, T, D)
         targets = batch["labels"][:, 1:]  # position t predicts token t+1
         has_label = targets != IGNORE_INDEX  # (B, T-1)
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][has_label])  # (N, vocab)
+        logits = self.lm.get_output_embeddings()(self._labelled_hidden(batch, has_label))  # (N, vocab)
         token_loss = F.cross_entropy(logits.float(), targets[has_label], reduction="none")  # (N,)
         if reduction == "mean":
             return token_loss.mean()
@@ -184,6 +204,25 @@ class PromptLearningModel(nn.Module):
         rows = has_label.nonzero()[:, 0]
         per_row = torch.zeros(len(targets), device=token_loss.device).index_add_(0, rows, token_loss)
         return per_row / has_label.sum(1).clamp(min=1)
+
+    def _labelled_hidden(self, batch: Mapping[str, Any], has_label: torch.Tensor) -> torch.Tensor:
+        """Hidden states at the N positions that predict a label, (N, D); packed when that saves work."""
+        plan = None
+        if self.pack_sequences and _packs(self.lm):
+            plan = pack_batch(batch["input_ids"], batch["virtual_index"], batch["attention_mask"], batch["tasknames"])
+        if plan is None:
+            return self.hidden_states(batch)[:, :-1][has_label]
+        embeds = self.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])  # (B, T, D)
+        dim = embeds.shape[-1]
+        packed = embeds.reshape(-1, dim)[plan.source]  # (R, S, D)
+        mask = plan.attention  # (R, 1, S, S) bool, used as is by SDPA; eager attention adds a float mask
+        if self.lm.config._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape, dtype=packed.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(packed.dtype).min)
+        out = self.lm.base_model(inputs_embeds=packed, attention_mask=mask, position_ids=plan.position_ids,
+                                 use_cache=False)
+        hidden = out.last_hidden_state.reshape(-1, dim)  # (R*S, D)
+        return hidden[plan.target[:, :-1][has_label]]
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         device = self.base.device

@@ -235,49 +235,47 @@ def _grid(ax, x, y, rows, cols, w, h, face, edge):
 
 def prompt_vs_p_tuning() -> Figure:
     shared, own = encoder_parameters()
-    fig, ax = canvas(15, 8.6, 17.5, 10.0)
-    ax.text(8.75, 9.6, "Prompt tuning vs. p-tuning: what is trained, what is kept", ha="center", fontsize=15,
+    fig, ax = canvas(15, 8.0, 17.5, 9.35)
+    ax.text(8.75, 9.0, "Prompt tuning vs. p-tuning: what is trained, what is kept", ha="center", fontsize=15,
             weight="bold")
     for x0, title in ((0.3, "Prompt tuning"), (9.0, "P-tuning")):
-        box(ax, x0, 0.35, 8.2, 8.75, face="#fbfbfb", edge="#bbbbbb", style="round,pad=0.05")
-        ax.text(x0 + 4.1, 8.75, title, ha="center", fontsize=13.5, weight="bold")
+        box(ax, x0, 0.75, 8.2, 7.85, face="#fbfbfb", edge="#bbbbbb", style="round,pad=0.05")
+        ax.text(x0 + 4.1, 8.2, title, ha="center", fontsize=13.5, weight="bold")
+        box(ax, x0 + 0.5, 4.3, 7.2, 1.0, "frozen LM: the virtual positions read the prompt's V rows", size=10.5)
+        lock(ax, x0 + 7.1, 5.05, size=8.5)
 
     # left: the prompt is the parameter
-    _grid(ax, 1.2, 5.2, 5, 10, 0.32, 0.34, PROMPT, PROMPT_EDGE)
-    ax.text(2.8, 7.2, "prompt P  (V x D)\none matrix per task", ha="center", fontsize=10)
-    trainable(ax, 2.8, 4.85)
-    box(ax, 5.2, 5.3, 2.8, 1.5, "frozen LM\n(virtual positions\nread P's rows)", size=10)
-    lock(ax, 7.45, 6.95)
-    arrow(ax, (4.5, 6.05), (5.15, 6.05), color=PROMPT_EDGE, lw=1.8)
-    ax.text(1.0, 3.6, "init: text (embeddings of a phrase, tiled),\nsampled vocabulary rows, or random",
-            fontsize=9.5, va="center")
-    ax.text(1.0, 2.45, f"trained per task: V x D = {own:,} numbers\n(V = 10, D = 576)", fontsize=10, va="center",
-            weight="bold", color=PROMPT_EDGE)
-    ax.text(1.0, 1.2, f"stored after training: the same {own:,}\n-> one row of the prompt table", fontsize=10,
-            va="center")
+    _grid(ax, 2.8, 6.0, 4, 10, 0.3, 0.3, PROMPT, PROMPT_EDGE)
+    ax.text(4.3, 7.55, "prompt P (V x D): the parameter itself", ha="center", fontsize=10)
+    trainable(ax, 6.45, 6.6)
+    arrow(ax, (4.3, 5.95), (4.3, 5.35), color=PROMPT_EDGE, lw=1.8)
+    ax.text(0.9, 3.55, "init: text (embeddings of a phrase, tiled), sampled\nvocabulary rows, or random",
+            fontsize=10, va="center")
+    ax.text(0.9, 2.45, f"trained per task: V x D = {own:,} numbers\n(V = 10 virtual tokens, D = 576)",
+            fontsize=10.5, va="center", weight="bold", color=PROMPT_EDGE)
+    ax.text(0.9, 1.35, f"stored after training: the same {own:,} numbers,\none entry of the prompt table",
+            fontsize=10.5, va="center")
 
     # right: an encoder reparameterises the prompt
-    _grid(ax, 9.5, 5.55, 3, 10, 0.22, 0.26, "#eeeeee", "#999999")
-    ax.text(10.6, 6.55, "task inputs (V x D)", ha="center", fontsize=9.5)
-    box(ax, 12.05, 5.1, 2.2, 1.6, "shared encoder\nbi-LSTM -> MLP\n(+ residual)", face=ENCODER, edge=ENCODER_EDGE,
-        size=9.5)
-    trainable(ax, 13.15, 4.75, edge=ENCODER_EDGE)
-    _grid(ax, 14.75, 5.55, 3, 10, 0.13, 0.26, PROMPT, PROMPT_EDGE)
-    ax.text(15.4, 6.55, "prompt (V x D)", ha="center", fontsize=9.5)
-    arrow(ax, (11.75, 5.9), (12.0, 5.9), color=ENCODER_EDGE, lw=1.8, mut=12)
-    arrow(ax, (14.3, 5.9), (14.7, 5.9), color=ENCODER_EDGE, lw=1.8, mut=12)
-    box(ax, 14.45, 7.25, 1.95, 1.0, "frozen LM", size=10)
-    lock(ax, 15.43, 7.0, size=8)
-    arrow(ax, (15.4, 6.4), (15.4, 7.2), color=PROMPT_EDGE, lw=1.5, mut=12)
-    ax.text(9.6, 4.1, "one encoder is shared by the tasks trained together;\n"
-            "each task keeps its own inputs, so its own output", fontsize=9.5, va="center")
-    ax.text(9.6, 2.75, f"trained: {shared:,} encoder parameters (shared)\n+ {own:,} inputs per task",
-            fontsize=10, va="center", weight="bold", color=ENCODER_EDGE)
-    ax.text(9.6, 1.3, f"stored after training: only the encoder's output,\n{own:,} per task; "
-            "the encoder is dropped (model.freeze())", fontsize=10, va="center")
+    _grid(ax, 9.45, 6.15, 3, 10, 0.2, 0.3, "#eeeeee", "#999999")
+    ax.text(10.45, 7.35, "task inputs (V x D)", ha="center", fontsize=10)
+    box(ax, 12.0, 5.95, 2.45, 1.3, "shared encoder\nbi-LSTM -> MLP\n(+ residual)", face=ENCODER,
+        edge=ENCODER_EDGE, size=10)
+    trainable(ax, 13.22, 7.55, edge=ENCODER_EDGE)
+    _grid(ax, 14.95, 6.15, 3, 10, 0.19, 0.3, PROMPT, PROMPT_EDGE)
+    ax.text(15.9, 7.35, "prompt (V x D)", ha="center", fontsize=10)
+    arrow(ax, (11.5, 6.6), (11.95, 6.6), color=ENCODER_EDGE, lw=1.8, mut=12)
+    arrow(ax, (14.5, 6.6), (14.95, 6.6), color=ENCODER_EDGE, lw=1.8, mut=12)
+    arrow(ax, (15.9, 6.1), (15.9, 5.35), color=PROMPT_EDGE, lw=1.8)
+    ax.text(9.6, 3.55, "one encoder is shared by the tasks trained together;\n"
+            "each task has its own inputs, hence its own prompt", fontsize=10, va="center")
+    ax.text(9.6, 2.45, f"trained: {shared:,} encoder parameters (shared)\n+ {own:,} inputs per task",
+            fontsize=10.5, va="center", weight="bold", color=ENCODER_EDGE)
+    ax.text(9.6, 1.35, f"stored after training: the encoder's output only,\n{own:,} per task; "
+            "model.freeze() drops the encoder", fontsize=10.5, va="center")
 
-    ax.text(8.75, 0.05, "Both end as the same thing: a frozen (V x D) tensor per task in one prompt table, "
-            "read the same way at inference.", ha="center", fontsize=10, style="italic")
+    ax.text(8.75, 0.3, "Both end as the same thing: a frozen (V x D) tensor per task in one prompt table, "
+            "read the same way at inference.", ha="center", fontsize=10.5, style="italic")
     return fig
 
 
@@ -304,11 +302,11 @@ def mixed_batch() -> Figure:
         rows.append((task, method, cells))
     width = max(len(c) for _, _, c in rows)
     cw, ch, x0 = 0.5, 0.62, 3.6
-    fig, ax = canvas(15, 5.6, x0 + width * cw + 1.9, 6.6)
-    ax.text((x0 + width * cw) / 2 + 1.0, 6.25, "One generation batch, three tasks, both methods (left padding)",
+    fig, ax = canvas(15, 5.3, x0 + width * cw + 1.9, 6.25)
+    ax.text((x0 + width * cw) / 2 + 1.0, 5.85, "One generation batch, three tasks, both methods (left padding)",
             ha="center", fontsize=14, weight="bold")
     for r, (task, method, cells) in enumerate(rows):
-        y = 4.6 - r * 1.25
+        y = 4.35 - r * 1.3
         ax.text(x0 - 0.15, y + ch * 0.68, task, ha="right", va="center", fontsize=10.5, weight="bold")
         ax.text(x0 - 0.15, y + ch * 0.22, method, ha="right", va="center", fontsize=8.5, color="#555555")
         pad = width - len(cells)
@@ -320,14 +318,20 @@ def mixed_batch() -> Figure:
                 cell(ax, x, y, cw, ch, text, TASK_COLORS[task], TASK_EDGES[task], size=6.5)
             else:
                 cell(ax, x, y, cw, ch, text, FROZEN, FROZEN_EDGE, size=6.5)
+        if r == 0:  # position ids count real positions only: the padding does not move the prompt
+            ax.text(x0 - 0.15, y - 0.22, "position ids", ha="right", va="center", fontsize=8, color="#555555",
+                    family="monospace")
+            for k in range(width):
+                ax.text(x0 + (k + 0.5) * cw, y - 0.22, "0" if k < pad else str(k - pad), ha="center",
+                        va="center", fontsize=7, color="#aaaaaa" if k < pad else "#555555", family="monospace")
         end = x0 + width * cw
         arrow(ax, (end + 0.05, y + ch / 2), (end + 0.75, y + ch / 2), color=ANSWER_EDGE, lw=1.6)
         ax.text(end + 0.85, y + ch / 2, "next\ntoken", fontsize=8, va="center", color=ANSWER_EDGE)
-    notes = ("white: padding (attention mask 0; position ids count real positions only, so a prompt never shifts).  "
-             "Coloured: each row's virtual positions,\nfilled from its own task's prompt "
-             "(stack (K, Vmax, D)[task of row, virtual_index]).  Grey: real tokens from the frozen embedding "
-             "table.  Each row decodes exactly as it would alone.")
-    ax.text(0.2, 0.45, notes, fontsize=8.8, va="center", color="#333333")
+    notes = ("White: left padding (attention mask 0; position ids count real positions only, so padding never "
+             "shifts a prompt).\nColoured: each row's virtual positions, filled from its own task's prompt: "
+             "stack (K tasks, Vmax, D)[task of the row, virtual_index].\nGrey: real tokens from the frozen "
+             "embedding table.  Greedy decoding gives each row exactly the text it would get alone.")
+    ax.text(0.3, 0.5, notes, fontsize=9, va="center", color="#333333", linespacing=1.5)
     return fig
 
 

@@ -35,7 +35,8 @@ def test_answer_matches_generate_and_describes_the_virtual_tokens(model):
 def test_answer_of_a_frozen_prompt_tuning_task(model):
     out = viz.playground_answer(model, "sentiment", {"sentence": SENTENCE}, max_new_tokens=3)
     assert out["method"] == "prompt_tuning" and out["splits"] == [10]
-    assert out["rendered"] == "".join(f"[V{i}]" for i in range(10)) + f" {SENTENCE} sentiment: "  # render keeps the space
+    # render() keeps the space before the answer slot (the encoder moves it onto the answer)
+    assert out["rendered"] == "".join(f"[V{i}]" for i in range(10)) + f" {SENTENCE} sentiment: "
     assert out["answer"] == model.generate([out["record"]], max_new_tokens=3, stop=["\n\n"])[0].strip()
 
 
