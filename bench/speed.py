@@ -1,0 +1,411 @@
+"""Speed and memory benchmark: promptlab against PEFT prompt tuning, same model, same real records.
+
+How to run (from the repository root, after ``pip install -e .[bench]``):
+
+    PROMPTLAB_DATA_MIRROR=/path/to/datasets python bench/speed.py      # the real run (~1 h on a 2-core CPU)
+    python bench/speed.py --quick                                        # a smoke test
+
+1. Training step time (forward + backward + clipping + optimizer step, collation included), measured
+   alternately in one process, step by step, on real sentiment and SQuAD training records (batch 8):
+   PEFT and promptlab on the very same random batches; promptlab also on its Trainer's length-grouped
+   batches of the same records (what `Trainer` feeds it), and with packing off (padded rows) for reference.
+2. Mixed generation: 8 test records each of sentiment, intent_and_slot and SQuAD, greedy, 24 new tokens.
+   promptlab generates the 24 mixed records in one call; PEFT (one PeftModel, one adapter per task,
+   switched with ``set_adapter``) generates task by task. Both hold the same prompt vectors, and every
+   template has its virtual tokens in front, so both must produce the same text (checked).
+3. Peak memory of the training steps and the generation, each library in a fresh child process: peak RSS
+   (VmHWM) on CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
+Tables go into bench/RESULTS.md (the ``speed`` section; ``--quick`` writes to a temp file instead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import promptlab as pl  # noqa: E402
+from promptlab.data.features import IGNORE_INDEX, collate, encode_records, length_grouped_batches  # noqa: E402
+
+BATCH = 8
+SEED = 1234
+# Templates with every virtual token in front, so PEFT (prefix only) runs exactly the same token ids.
+SPEED_TASKS = {
+    "sentiment": pl.TaskTemplate("sentiment", "<|VIRTUAL_PROMPT_0|> {sentence} sentiment: {label}", 10,
+                                 answer_field="label"),
+    "intent_and_slot": pl.TaskTemplate("intent_and_slot",
+                                       "<|VIRTUAL_PROMPT_0|> Predict intent and slot:\n{utterance}\n{label}", 10,
+                                       answer_field="label"),
+    "squad": pl.TaskTemplate("squad", "<|VIRTUAL_PROMPT_0|> Context: {context}\n\nQuestion: {question}\n\nAnswer: "
+                             "{answer}", 15, truncate_field="context", answer_field="answer"),
+}
+INIT_TEXT = {"sentiment": "Classify the sentiment of this financial news",
+             "intent_and_slot": "Predict the intent and the slots",
+             "squad": "Answer the question from the context"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Clock:
+    """Wall and CPU seconds of a block (CPU time is steadier on a shared machine)."""
+
+    def __enter__(self) -> "Clock":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+# ------------------------------------------------------------------------------------- the models
+def promptlab_model(base, tasks: list[str]) -> pl.PromptLearningModel:
+    torch.manual_seed(SEED)
+    model = pl.PromptLearningModel(base, {t: SPEED_TASKS[t] for t in tasks})
+    for t in tasks:
+        model.add_prompt_tuning(t, init_text=INIT_TEXT[t])
+    return model
+
+
+def peft_model(base, tasks: list[str], prompts: dict[str, torch.Tensor] | None = None):
+    """One PeftModel with an adapter per task (the first is "default"); prompts copied in when given."""
+    model = None
+    for t in tasks:
+        model = common.peft_prompt_tuning(base, SPEED_TASKS[t].total_virtual_tokens, INIT_TEXT[t], adapter=t,
+                                          peft_model=model)
+        if prompts is not None:
+            with torch.no_grad():
+                model.prompt_encoder[t].embedding.weight.copy_(prompts[t])
+    model.set_adapter(tasks[0])
+    return model
+
+
+def train_examples(base, task: str, n: int) -> list:
+    records = common.load_split(task, "train")[:n]
+    examples, _ = encode_records(records, {task: SPEED_TASKS[task]}, base.tokenizer, 512)
+    return examples
+
+
+def random_batches(count: int, size: int, steps: int, seed: int = SEED) -> list[list[int]]:
+    """What a shuffled DataLoader gives (PEFT's usual input): random batches, no length grouping."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return [order[i * size : (i + 1) * size] for i in range(steps)]
+
+
+# --------------------------------------------------------------------------------------- steps
+def promptlab_step(model, optimizer, examples, pad_id: int) -> None:
+    """One Trainer step: the sum over labelled tokens / their count, backward, clip, AdamW."""
+    batch = collate(examples, pad_id, "right")
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    loss = model(batch, reduction="sum") / tokens
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.prompt_embeddings.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def peft_step(model, optimizer, examples, pad_id: int) -> None:
+    batch = {k: v.to(model.device) for k, v in common.peft_collate(examples, pad_id, "right").items()}
+    loss = common.peft_loss(model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(common.peft_trainable(model), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_training(base, task: str, steps: int) -> dict:
+    """Step times of the variants interleaved step by step (the order rotates every step).
+
+    A pool of ``steps * 8`` training records is cut into ``steps`` batches twice: at random (PEFT's usual
+    shuffled DataLoader; promptlab with and without packing runs the very same batches) and by promptlab's
+    length grouping (what its Trainer feeds it). Both cuts hold the same records, so their totals compare
+    the cost of one pass over the pool; medians compare single steps.
+    """
+    pad = base.tokenizer.pad_token_id
+    examples = train_examples(base, task, (steps + 1) * BATCH)
+    pool, warm = examples[: steps * BATCH], examples[steps * BATCH :]
+    rand = random_batches(len(pool), BATCH, steps)
+    grouped = length_grouped_batches([len(e) for e in pool], BATCH, seed=SEED)
+    model = promptlab_model(base, [task])
+    model.train()
+    opt = torch.optim.AdamW(model.prompt_embeddings.parameters(), lr=1e-3)
+    pm = peft_model(base, [task])
+    pm.train()
+    pm.base_model.eval()
+    popt = torch.optim.AdamW(common.peft_trainable(pm), lr=1e-3)
+
+    def run_promptlab(batches, pack):
+        def go(i):
+            model.pack_sequences = pack
+            promptlab_step(model, opt, warm if i < 0 else [pool[j] for j in batches[i]], pad)
+        return go
+
+    variants = {
+        "PEFT, random batches": lambda i: peft_step(pm, popt, warm if i < 0 else [pool[j] for j in rand[i]], pad),
+        "promptlab, the same random batches": run_promptlab(rand, True),
+        "promptlab, Trainer's length-grouped batches": run_promptlab(grouped, True),
+        "promptlab, the same random batches, packing off": run_promptlab(rand, False),
+    }
+    names = list(variants)
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    for name in names:
+        variants[name](-1)  # warm-up on records outside the pool
+    for i in range(steps):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            with Clock() as c:
+                variants[name](i)
+            wall[name].append(c.wall)
+            cpu[name].append(c.cpu)
+    model.pack_sequences = True
+    rows = []
+    ref = names[0]
+    for name in names:
+        rows.append({"task": task, "variant": name,
+                     "median_wall_s": common.median(wall[name]), "median_cpu_s": common.median(cpu[name]),
+                     "total_wall_s": sum(wall[name]), "total_cpu_s": sum(cpu[name]),
+                     "median_wall_vs_peft": common.median(wall[name]) / common.median(wall[ref]),
+                     "total_wall_vs_peft": sum(wall[name]) / sum(wall[ref]),
+                     "total_cpu_vs_peft": sum(cpu[name]) / sum(cpu[ref])})
+
+    def share(batches):
+        lens = [[len(pool[j]) for j in idx] for idx in batches]
+        return sum(map(sum, lens)) / sum(len(x) * max(x) for x in lens)
+
+    return {"rows": rows, "steps": steps, "real_token_share": {"random": share(rand), "grouped": share(grouped)}}
+
+
+# ----------------------------------------------------------------------------------- generation
+def generation_records(n: int) -> list[dict]:
+    out = []
+    for task in SPEED_TASKS:
+        out += common.load_split(task, "test")[:n]
+    random.Random(SEED).shuffle(out)  # a mixed stream of requests
+    return out
+
+
+def bench_generation(base, per_task: int, new_tokens: int, repeats: int) -> dict:
+    tasks = list(SPEED_TASKS)
+    records = generation_records(per_task)
+    model = promptlab_model(base, tasks)
+    model.freeze()  # inference: the prompts live in the table
+    model.eval()
+    pm = peft_model(base, tasks, {t: model.prompt_table[t] for t in tasks})
+    pm.eval()
+    tok = base.tokenizer
+    by_task = {t: [i for i, r in enumerate(records) if r["taskname"] == t] for t in tasks}
+    examples, _ = encode_records(records, SPEED_TASKS, tok, 512 - new_tokens, with_answer=False)
+
+    def run_promptlab():
+        texts = model.generate(records, max_new_tokens=new_tokens, batch_size=len(records))
+        return texts, sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+    def run_peft():
+        texts, produced = [""] * len(records), 0
+        for t, idx in by_task.items():
+            pm.set_adapter(t)
+            out, n = common.peft_generate(pm, [examples[i] for i in idx], tok, new_tokens, batch_size=len(idx),
+                                          stop=None)
+            produced += n
+            for i, text in zip(idx, out):
+                texts[i] = text
+        return texts, produced
+
+    wall = {"promptlab": [], "peft": []}
+    cpu = {"promptlab": [], "peft": []}
+    outputs, tokens = {}, {}
+    for r in range(repeats + 1):
+        for name, fn in ((("promptlab", run_promptlab), ("peft", run_peft)) if r % 2 == 0
+                         else (("peft", run_peft), ("promptlab", run_promptlab))):
+            with Clock() as c:
+                texts, n = fn()
+            outputs[name], tokens[name] = texts, n
+            if r:
+                wall[name].append(c.wall)
+                cpu[name].append(c.cpu)
+    same = sum(a.strip() == b.strip() for a, b in zip(outputs["promptlab"], outputs["peft"]))
+    rows = []
+    for name in ("promptlab", "peft"):
+        w, c = common.median(wall[name]), common.median(cpu[name])
+        rows.append({"library": name, "calls": 1 if name == "promptlab" else len(tasks),
+                     "generated_tokens": tokens[name], "median_wall_s": w, "median_cpu_s": c,
+                     "tokens_per_s_wall": tokens[name] / w, "tokens_per_s_cpu": tokens[name] / c})
+    return {"rows": rows, "identical_text": f"{same}/{len(records)}", "records": len(records),
+            "new_tokens": new_tokens, "repeats": repeats,
+            "samples": [{"task": records[i]["taskname"], "promptlab": outputs["promptlab"][i][:80],
+                         "peft": outputs["peft"][i][:80]} for i in range(min(6, len(records)))]}
+
+
+# ------------------------------------------------------------------------------------ memory (child)
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def memory_child(library: str, task: str, steps: int, threads: int) -> dict:
+    """Run in a fresh process: load, then ``steps`` training steps of ``task`` and one mixed generation."""
+    torch.set_num_threads(threads)
+    base = pl.load_base_model("embedded")
+    pad = base.tokenizer.pad_token_id
+    examples = train_examples(base, task, 400)
+    batches = random_batches(len(examples), BATCH, steps)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    loaded = current_rss_mb()
+    if library == "promptlab":
+        model = promptlab_model(base, [task])
+        model.train()
+        opt = torch.optim.AdamW(model.prompt_embeddings.parameters(), lr=1e-3)
+        for idx in batches:
+            promptlab_step(model, opt, [examples[j] for j in idx], pad)
+    else:
+        model = peft_model(base, [task])
+        model.train()
+        model.base_model.eval()
+        opt = torch.optim.AdamW(common.peft_trainable(model), lr=1e-3)
+        for idx in batches:
+            peft_step(model, opt, [examples[j] for j in idx], pad)
+    out = {"library": library, "task": task, "steps": steps, "rss_after_load_mb": loaded,
+           "peak_rss_mb": peak_rss_mb()}
+    out["peak_increase_mb"] = out["peak_rss_mb"] - loaded
+    if cuda:
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def bench_memory(tasks: list[str], steps: int, threads: int) -> list[dict]:
+    rows = []
+    for task in tasks:
+        for library in ("peft", "promptlab"):
+            cmd = [sys.executable, __file__, "--memory-child", library, task, str(steps), str(threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            log(f"  memory {task} {library}: {rows[-1]}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+def report(info: dict, training: dict, generation: dict | None, memory: list[dict], quick: bool, wall: float,
+           threads: int) -> str:
+    parts = ["## Speed and memory (bench/speed.py)", "",
+             f"Command: `{common.command_line()}`; total wall time {wall / 60:.1f} min; torch threads: {threads}.",
+             "", "Machine:", common.machine_markdown(info), ""]
+    if quick:
+        parts += ["**--quick: a smoke test (a few steps); these numbers mean nothing.**", ""]
+    parts += ["### Training step (batch 8, forward + backward + clip + AdamW step, collation included)", "",
+              "Variants interleaved step by step in one process (the order rotates each step) after one "
+              "warm-up step each; a pool of records is cut into random batches (PEFT, and promptlab with and "
+              "without packing, run the very same ones) and into promptlab's length-grouped batches (the same "
+              "records): totals are the cost of one pass over the pool. `*_vs_peft` < 1 means faster than "
+              "PEFT. Wall time is what you wait; CPU time (one torch thread) is steadier when other jobs share "
+              "the machine.", ""]
+    rows = []
+    for task, res in training.items():
+        share = res["real_token_share"]
+        parts.append(f"- {task}: {res['steps']} measured steps; real (non-padding) share of the padded batch: "
+                     f"random batches {share['random']:.2f}, length-grouped {share['grouped']:.2f}")
+        rows += res["rows"]
+    parts += ["", common.md_table(rows, ["task", "variant", "median_wall_s", "median_cpu_s", "total_wall_s",
+                                         "total_cpu_s", "median_wall_vs_peft", "total_wall_vs_peft",
+                                         "total_cpu_vs_peft"]), ""]
+    if generation:
+        g = generation
+        parts += ["### Mixed-task generation", "",
+                  f"{g['records']} test records (8 each of sentiment, intent_and_slot, squad, shuffled), greedy, "
+                  f"up to {g['new_tokens']} new tokens, medians of {g['repeats']} alternating repeats. promptlab: "
+                  "one `generate` call on the mixed list; PEFT: one `generate` per task (its adapters switched "
+                  f"with `set_adapter`). Same prompt vectors in both: identical text for {g['identical_text']} "
+                  "records.", "",
+                  common.md_table(g["rows"], ["library", "calls", "generated_tokens", "median_wall_s", "median_cpu_s",
+                                              "tokens_per_s_wall", "tokens_per_s_cpu"])]
+        pl_row, peft_row = g["rows"]
+        parts += ["", f"Throughput promptlab / PEFT: {pl_row['tokens_per_s_wall'] / peft_row['tokens_per_s_wall']:.2f}x "
+                  f"(wall), {pl_row['tokens_per_s_cpu'] / peft_row['tokens_per_s_cpu']:.2f}x (CPU).", ""]
+    if memory:
+        parts += ["### Peak memory", "",
+                  "Each row a fresh process: load the model, then the training steps on random batches. "
+                  "`peak_increase_mb`: peak RSS (VmHWM) minus RSS after loading.", "",
+                  common.md_table(memory, ["task", "library", "steps", "rss_after_load_mb", "peak_rss_mb",
+                                           "peak_increase_mb"] +
+                                  (["cuda_peak_allocated_mb"] if "cuda_peak_allocated_mb" in memory[0] else [])), ""]
+        for task in dict.fromkeys(m["task"] for m in memory):
+            a = next(m for m in memory if m["task"] == task and m["library"] == "promptlab")
+            b = next(m for m in memory if m["task"] == task and m["library"] == "peft")
+            parts.append(f"- {task}: promptlab / PEFT peak increase {a['peak_increase_mb'] / b['peak_increase_mb']:.2f}x, "
+                         f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps: checks the script works")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a small shared CPU, more threads spin and slow down)")
+    parser.add_argument("--out", help="Markdown file to write (default: bench/RESULTS.md; --quick: a temp file)")
+    parser.add_argument("--memory-child", nargs=4, metavar=("LIBRARY", "TASK", "STEPS", "THREADS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.memory_child:
+        library, task, steps, threads = args.memory_child
+        print(json.dumps(memory_child(library, task, int(steps), int(threads))))
+        return 0
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "promptlab-speed-quick.md"
+                                           if args.quick else common.RESULTS)
+    info = common.machine_info()
+    start = time.perf_counter()
+    base = pl.load_base_model("embedded")
+    steps = {"sentiment": 2 if args.quick else 16, "squad": 2 if args.quick else 8}
+    training, generation, memory = {}, None, []
+    for task, n in steps.items():
+        log(f"training steps: {task} ...")
+        training[task] = bench_training(base, task, n)
+        log(f"  {json.dumps(training[task]['rows'])}")
+        common.write_section("speed", report(info, training, generation, memory, args.quick,
+                                             time.perf_counter() - start, args.threads), out)
+    log("mixed generation ...")
+    generation = bench_generation(base, per_task=8, new_tokens=24, repeats=1 if args.quick else 5)
+    log(f"  {json.dumps(generation['rows'])} identical {generation['identical_text']}")
+    common.write_section("speed", report(info, training, generation, memory, args.quick,
+                                         time.perf_counter() - start, args.threads), out)
+    log("peak memory ...")
+    memory = bench_memory(list(steps), 2 if args.quick else 4, args.threads)
+    common.write_section("speed", report(info, training, generation, memory, args.quick,
+                                         time.perf_counter() - start, args.threads), out)
+    common.save_json(common.data_dir() / ("speed-quick.json" if args.quick else "speed.json"),
+                     {"training": training, "generation": generation, "memory": memory})
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
