@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data.features import IGNORE_INDEX, collate, encode_records, length_grouped_batches
+from .data.features import IGNORE_INDEX, collate, encode_records, iter_batches, length_grouped_batches
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import evaluate, limit_per_task
 from .metrics import primary_score
@@ -308,10 +308,9 @@ class Trainer:
         examples, _ = encode_records(records, self.model.tasks, self.model.tokenizer,
                                      self.config.max_seq_length, source="validation")
         total, count = 0.0, 0
-        for idx in length_grouped_batches([len(e) for e in examples], self.config.eval_batch_size, shuffle=False):
-            batch = collate([examples[i] for i in idx], self.model.tokenizer.pad_token_id, "right")
+        for _, batch in iter_batches(examples, self.config.eval_batch_size, self.model.tokenizer.pad_token_id):
             total += self.model(batch, reduction="sum").item()
-            count += sum(1 for i in idx for t in examples[i].labels[1:] if t != IGNORE_INDEX)
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return total / max(count, 1)
 
     def _validate(self) -> bool:
