@@ -302,3 +302,46 @@ def peft_generate(peft_model, examples, tokenizer, max_new_tokens: int, batch_si
                 text = text[: text.index(stop)]
             out[i] = text.strip()
     return out, produced
+
+
+def peft_prompt_vectors(peft_model) -> torch.Tensor:
+    """The (V, D) virtual-token embeddings PEFT puts in front of every example (prompt encoder run)."""
+    with torch.no_grad():
+        return peft_model.get_prompt(batch_size=1)[0].detach()
+
+
+@torch.no_grad()
+def generate_with_prompt(base_model, prompt: torch.Tensor, examples, tokenizer, max_new_tokens: int,
+                         batch_size: int = 16, stop: str | None = "\n\n") -> tuple[list[str], int]:
+    """Greedy answers from plain Hugging Face ``generate`` given ``inputs_embeds = [prompt; tokens]`` per row,
+    left-padded in front of the prompt (a working KV cache). This is what PEFT's prompt tuning should compute;
+    PEFT 0.21 with transformers 5 re-injects the prompt at every decoding step instead (see RESULTS.md)."""
+    embed = base_model.get_input_embeddings()
+    prompt = prompt.to(embed.weight.dtype)
+    v = prompt.shape[0]
+    out, produced = [""] * len(examples), 0
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        items = [peft_example(examples[i])[0] for i in idx]
+        width = v + max(len(ids) for ids in items)
+        rows, masks = [], []
+        for ids in items:
+            pad = width - v - len(ids)
+            tokens = embed(torch.tensor([tokenizer.pad_token_id] * pad + ids, device=embed.weight.device))
+            rows.append(torch.cat([tokens[:pad], prompt, tokens[pad:]]))  # pads, then prompt, then text
+            masks.append([0] * pad + [1] * (v + len(ids)))
+        gen = base_model.generate(inputs_embeds=torch.stack(rows),
+                                  attention_mask=torch.tensor(masks, device=embed.weight.device),
+                                  max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row, i in enumerate(idx):
+            ids = gen[row].tolist()  # with inputs_embeds, generate returns the new tokens only
+            if tokenizer.eos_token_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            produced += len(ids)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+            out[i] = text.strip()
+    return out, produced

@@ -13,7 +13,7 @@ How to run (from the repository root, after ``pip install -e .[bench]``):
    promptlab generates the 24 mixed records in one call; PEFT (one PeftModel, one adapter per task,
    switched with ``set_adapter``) generates task by task. Both hold the same prompt vectors, and every
    template has its virtual tokens in front, so both must produce the same text (checked).
-3. Peak memory of the training steps and the generation, each library in a fresh child process: peak RSS
+3. Peak memory of training steps (random batches), each library in a fresh child process: peak RSS
    (VmHWM) on CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 Tables go into bench/RESULTS.md (the ``speed`` section; ``--quick`` writes to a temp file instead).
 """
@@ -201,6 +201,7 @@ def generation_records(n: int) -> list[dict]:
 
 
 def bench_generation(base, per_task: int, new_tokens: int, repeats: int) -> dict:
+    """Three ways to answer one mixed list of requests, interleaved (the order rotates every repeat)."""
     tasks = list(SPEED_TASKS)
     records = generation_records(per_task)
     model = promptlab_model(base, tasks)
@@ -212,44 +213,57 @@ def bench_generation(base, per_task: int, new_tokens: int, repeats: int) -> dict
     by_task = {t: [i for i, r in enumerate(records) if r["taskname"] == t] for t in tasks}
     examples, _ = encode_records(records, SPEED_TASKS, tok, 512 - new_tokens, with_answer=False)
 
+    def count(texts):  # the same measure for every variant: tokens of the returned (stripped) texts
+        return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
     def run_promptlab():
-        texts = model.generate(records, max_new_tokens=new_tokens, batch_size=len(records))
-        return texts, sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        return [t.strip() for t in model.generate(records, max_new_tokens=new_tokens, batch_size=len(records))]
 
-    def run_peft():
-        texts, produced = [""] * len(records), 0
-        for t, idx in by_task.items():
-            pm.set_adapter(t)
-            out, n = common.peft_generate(pm, [examples[i] for i in idx], tok, new_tokens, batch_size=len(idx),
-                                          stop=None)
-            produced += n
-            for i, text in zip(idx, out):
-                texts[i] = text
-        return texts, produced
+    def task_by_task(generate_one):
+        def run():
+            texts = [""] * len(records)
+            for t, idx in by_task.items():
+                for i, text in zip(idx, generate_one(t, [examples[i] for i in idx])):
+                    texts[i] = text
+            return texts
+        return run
 
-    wall = {"promptlab": [], "peft": []}
-    cpu = {"promptlab": [], "peft": []}
-    outputs, tokens = {}, {}
-    for r in range(repeats + 1):
-        for name, fn in ((("promptlab", run_promptlab), ("peft", run_peft)) if r % 2 == 0
-                         else (("peft", run_peft), ("promptlab", run_promptlab))):
+    def peft_generate(task, exs):
+        pm.set_adapter(task)
+        return common.peft_generate(pm, exs, tok, new_tokens, batch_size=len(exs), stop=None)[0]
+
+    def hf_generate(task, exs):
+        pm.set_adapter(task)
+        return common.generate_with_prompt(base.model, common.peft_prompt_vectors(pm), exs, tok, new_tokens,
+                                           batch_size=len(exs), stop=None)[0]
+
+    variants = {"promptlab: one call, mixed batch": run_promptlab,
+                "PEFT generate, task by task (as shipped)": task_by_task(peft_generate),
+                "HF generate with PEFT's prompt as inputs_embeds, task by task": task_by_task(hf_generate)}
+    names = list(variants)
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    outputs = {}
+    for r in range(repeats + 1):  # the first round warms up
+        for name in names[r % len(names):] + names[: r % len(names)]:
             with Clock() as c:
-                texts, n = fn()
-            outputs[name], tokens[name] = texts, n
+                outputs[name] = variants[name]()
             if r:
                 wall[name].append(c.wall)
                 cpu[name].append(c.cpu)
-    same = sum(a.strip() == b.strip() for a, b in zip(outputs["promptlab"], outputs["peft"]))
     rows = []
-    for name in ("promptlab", "peft"):
-        w, c = common.median(wall[name]), common.median(cpu[name])
-        rows.append({"library": name, "calls": 1 if name == "promptlab" else len(tasks),
-                     "generated_tokens": tokens[name], "median_wall_s": w, "median_cpu_s": c,
-                     "tokens_per_s_wall": tokens[name] / w, "tokens_per_s_cpu": tokens[name] / c})
-    return {"rows": rows, "identical_text": f"{same}/{len(records)}", "records": len(records),
-            "new_tokens": new_tokens, "repeats": repeats,
-            "samples": [{"task": records[i]["taskname"], "promptlab": outputs["promptlab"][i][:80],
-                         "peft": outputs["peft"][i][:80]} for i in range(min(6, len(records)))]}
+    for name in names:
+        n, w, c = count(outputs[name]), common.median(wall[name]), common.median(cpu[name])
+        same = sum(a == b for a, b in zip(outputs[name], outputs[names[0]]))
+        rows.append({"variant": name, "calls": 1 if name == names[0] else len(tasks), "tokens": n,
+                     "same_text_as_promptlab": f"{same}/{len(records)}", "median_wall_s": w, "median_cpu_s": c,
+                     "tokens_per_s_wall": n / w, "tokens_per_s_cpu": n / c})
+    for row in rows:
+        row["promptlab_speedup_wall"] = rows[0]["tokens_per_s_wall"] / row["tokens_per_s_wall"]
+        row["promptlab_speedup_cpu"] = rows[0]["tokens_per_s_cpu"] / row["tokens_per_s_cpu"]
+    return {"rows": rows, "records": len(records), "new_tokens": new_tokens, "repeats": repeats,
+            "samples": [{"task": records[i]["taskname"], **{k: outputs[k][i][:60] for k in names}}
+                        for i in range(min(6, len(records)))]}
 
 
 # ------------------------------------------------------------------------------------ memory (child)
@@ -319,35 +333,40 @@ def report(info: dict, training: dict, generation: dict | None, memory: list[dic
              "", "Machine:", common.machine_markdown(info), ""]
     if quick:
         parts += ["**--quick: a smoke test (a few steps); these numbers mean nothing.**", ""]
-    parts += ["### Training step (batch 8, forward + backward + clip + AdamW step, collation included)", "",
-              "Variants interleaved step by step in one process (the order rotates each step) after one "
-              "warm-up step each; a pool of records is cut into random batches (PEFT, and promptlab with and "
-              "without packing, run the very same ones) and into promptlab's length-grouped batches (the same "
-              "records): totals are the cost of one pass over the pool. `*_vs_peft` < 1 means faster than "
-              "PEFT. Wall time is what you wait; CPU time (one torch thread) is steadier when other jobs share "
-              "the machine.", ""]
-    rows = []
-    for task, res in training.items():
-        share = res["real_token_share"]
-        parts.append(f"- {task}: {res['steps']} measured steps; real (non-padding) share of the padded batch: "
-                     f"random batches {share['random']:.2f}, length-grouped {share['grouped']:.2f}")
-        rows += res["rows"]
-    parts += ["", common.md_table(rows, ["task", "variant", "median_wall_s", "median_cpu_s", "total_wall_s",
-                                         "total_cpu_s", "median_wall_vs_peft", "total_wall_vs_peft",
-                                         "total_cpu_vs_peft"]), ""]
+    if training:
+        parts += ["### Training step (batch 8, forward + backward + clip + AdamW step, collation included)", "",
+                  "Variants interleaved step by step in one process (the order rotates each step) after one "
+                  "warm-up step each; a pool of records is cut into random batches (PEFT, and promptlab with and "
+                  "without packing, run the very same ones) and into promptlab's length-grouped batches (the same "
+                  "records): totals are the cost of one pass over the pool. `*_vs_peft` < 1 means faster than "
+                  "PEFT. Wall time is what you wait; CPU time (one torch thread) is steadier when other jobs share "
+                  "the machine.", ""]
+        rows = []
+        for task, res in training.items():
+            share = res["real_token_share"]
+            parts.append(f"- {task}: {res['steps']} measured steps; real (non-padding) share of the padded batch: "
+                         f"random batches {share['random']:.2f}, length-grouped {share['grouped']:.2f}")
+            rows += res["rows"]
+        parts += ["", common.md_table(rows, ["task", "variant", "median_wall_s", "median_cpu_s", "total_wall_s",
+                                             "total_cpu_s", "median_wall_vs_peft", "total_wall_vs_peft",
+                                             "total_cpu_vs_peft"]), ""]
     if generation:
         g = generation
         parts += ["### Mixed-task generation", "",
                   f"{g['records']} test records (8 each of sentiment, intent_and_slot, squad, shuffled), greedy, "
-                  f"up to {g['new_tokens']} new tokens, medians of {g['repeats']} alternating repeats. promptlab: "
-                  "one `generate` call on the mixed list; PEFT: one `generate` per task (its adapters switched "
-                  f"with `set_adapter`). Same prompt vectors in both: identical text for {g['identical_text']} "
-                  "records.", "",
-                  common.md_table(g["rows"], ["library", "calls", "generated_tokens", "median_wall_s", "median_cpu_s",
-                                              "tokens_per_s_wall", "tokens_per_s_cpu"])]
-        pl_row, peft_row = g["rows"]
-        parts += ["", f"Throughput promptlab / PEFT: {pl_row['tokens_per_s_wall'] / peft_row['tokens_per_s_wall']:.2f}x "
-                  f"(wall), {pl_row['tokens_per_s_cpu'] / peft_row['tokens_per_s_cpu']:.2f}x (CPU).", ""]
+                  f"up to {g['new_tokens']} new tokens, medians of {g['repeats']} repeats after a warm-up, the "
+                  "variants interleaved. promptlab generates the mixed list in one call; PEFT cannot mix tasks, "
+                  "so it generates task by task (one PeftModel, one adapter per task, `set_adapter`). All hold "
+                  "the same prompt vectors. PEFT 0.21's `generate` does not work with transformers 5 (it looks "
+                  "for `past_key_values`, which transformers 5 passes as `cache`, so it re-injects the virtual "
+                  "tokens at every decoding step: wrong text after the first token, and more work per step); the "
+                  "third row is the fair task-by-task baseline: plain `generate` with PEFT's prompt spliced into "
+                  "`inputs_embeds` (pads, prompt, text), which must give promptlab's text. `tokens`: tokens of "
+                  "the returned texts; `promptlab_speedup_*`: promptlab's tokens/s over the row's.", "",
+                  common.md_table(g["rows"], ["variant", "calls", "tokens", "same_text_as_promptlab",
+                                              "median_wall_s", "median_cpu_s", "tokens_per_s_wall",
+                                              "tokens_per_s_cpu", "promptlab_speedup_wall",
+                                              "promptlab_speedup_cpu"]), ""]
     if memory:
         parts += ["### Peak memory", "",
                   "Each row a fresh process: load the model, then the training steps on random batches. "
@@ -361,7 +380,43 @@ def report(info: dict, training: dict, generation: dict | None, memory: list[dic
             parts.append(f"- {task}: promptlab / PEFT peak increase {a['peak_increase_mb'] / b['peak_increase_mb']:.2f}x, "
                          f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
         parts.append("")
+    parts += ["![promptlab relative to PEFT](speed.png)", ""]
     return "\n".join(parts)
+
+
+def plot(training: dict, generation: dict | None, memory: list[dict], path: Path) -> None:
+    """promptlab relative to PEFT: training time per pass, generation throughput, peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    if training:
+        bars = {f"{task}: {row['variant']}": row["total_cpu_vs_peft"]
+                for task, res in training.items() for row in res["rows"]}
+        panels.append(("training time relative to PEFT (CPU, one pass)", bars, 0.5))
+    if generation:
+        rows = generation["rows"]
+        bars = {row["variant"]: row["tokens_per_s_cpu"] / rows[1]["tokens_per_s_cpu"] for row in rows}
+        panels.append(("generation tokens/s relative to PEFT", bars, 2.0))
+    if memory:
+        bars = {f"{m['task']}: {m['library']}": m["peak_increase_mb"] for m in memory}
+        panels.append(("peak RSS increase while training (MB)", bars, None))
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 * len(panels) + 1.5))
+    for ax, (title, bars, target) in zip(list(axes) if len(panels) > 1 else [axes], panels):
+        labels = [k if len(k) < 60 else k[:57] + "..." for k in bars][::-1]
+        ax.barh(labels, list(bars.values())[::-1], color="tab:blue")
+        if target:
+            ax.axvline(target, color="tab:red", linestyle="--", linewidth=1, label=f"target {target}")
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -370,6 +425,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a small shared CPU, more threads spin and slow down)")
     parser.add_argument("--out", help="Markdown file to write (default: bench/RESULTS.md; --quick: a temp file)")
+    parser.add_argument("--parts", nargs="*", default=["training", "generation", "memory"],
+                        choices=["training", "generation", "memory"], help="run only these parts")
     parser.add_argument("--memory-child", nargs=4, metavar=("LIBRARY", "TASK", "STEPS", "THREADS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -386,24 +443,28 @@ def main(argv=None) -> int:
     base = pl.load_base_model("embedded")
     steps = {"sentiment": 2 if args.quick else 16, "squad": 2 if args.quick else 8}
     training, generation, memory = {}, None, []
-    for task, n in steps.items():
+    for task, n in steps.items() if "training" in args.parts else []:
         log(f"training steps: {task} ...")
         training[task] = bench_training(base, task, n)
         log(f"  {json.dumps(training[task]['rows'])}")
         common.write_section("speed", report(info, training, generation, memory, args.quick,
                                              time.perf_counter() - start, args.threads), out)
-    log("mixed generation ...")
-    generation = bench_generation(base, per_task=8, new_tokens=24, repeats=1 if args.quick else 5)
-    log(f"  {json.dumps(generation['rows'])} identical {generation['identical_text']}")
-    common.write_section("speed", report(info, training, generation, memory, args.quick,
-                                         time.perf_counter() - start, args.threads), out)
-    log("peak memory ...")
-    memory = bench_memory(list(steps), 2 if args.quick else 4, args.threads)
+    if "generation" in args.parts:
+        log("mixed generation ...")
+        generation = bench_generation(base, per_task=8, new_tokens=24, repeats=1 if args.quick else 5)
+        log(f"  {json.dumps(generation['rows'])}")
+        common.write_section("speed", report(info, training, generation, memory, args.quick,
+                                             time.perf_counter() - start, args.threads), out)
+    if "memory" in args.parts:
+        log("peak memory ...")
+        memory = bench_memory(list(steps), 2 if args.quick else 4, args.threads)
     common.write_section("speed", report(info, training, generation, memory, args.quick,
                                          time.perf_counter() - start, args.threads), out)
     common.save_json(common.data_dir() / ("speed-quick.json" if args.quick else "speed.json"),
                      {"training": training, "generation": generation, "memory": memory})
-    log(f"wrote {out}")
+    figure = Path(tempfile.gettempdir()) / "promptlab-speed-quick.png" if args.quick else common.BENCH / "speed.png"
+    plot(training, generation, memory, figure)
+    log(f"wrote {out} and {figure}")
     return 0
 
 

@@ -22,15 +22,70 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _backbone_step(model, cache, **inputs):
-    """One backbone call with the KV cache, across transformers versions (``cache`` in 5.x)."""
+def _backbone_step(model, cache, rows: torch.Tensor | None = None, **inputs):
+    """One backbone call with the KV cache, across transformers versions (``cache`` in 5.x).
+
+    Returns the cache and each row's last hidden state (B, D); with ``rows``, the hidden states at those
+    indices of the flattened (R*S) output instead (a packed prompt).
+    """
     backbone = model.lm.base_model
     key = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     if cache is not None:
         inputs[key] = cache
     out = backbone(use_cache=True, **inputs)
     new_cache = out["cache"] if "cache" in out else out["past_key_values"]
-    return new_cache, out.last_hidden_state[:, -1]  # (B, D)
+    hidden = out.last_hidden_state
+    if rows is None:
+        return new_cache, hidden[:, -1]  # (B, D)
+    return new_cache, hidden.reshape(-1, hidden.shape[-1])[rows]
+
+
+def _remap_cache(cache, index: torch.Tensor) -> bool:
+    """Lay out a packed prompt's KV cache, (R, H, S, d) per layer, as the left-padded batch's (B, H, T, d):
+    ``index`` (B, T) gives the packed slot of each position. False when the cache type is not known."""
+    def remap(x: torch.Tensor) -> torch.Tensor:
+        flat = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # (R*S, H, d)
+        return flat[index].transpose(1, 2).contiguous()  # (B, H, T, d)
+
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return False
+        for layer in layers:
+            layer.keys, layer.values = remap(layer.keys), remap(layer.values)
+        return True
+    if isinstance(getattr(cache, "key_cache", None), list):
+        cache.key_cache = [remap(k) for k in cache.key_cache]
+        cache.value_cache = [remap(v) for v in cache.value_cache]
+        return True
+    return False
+
+
+def _packed_prompt(model, batch: Mapping[str, Any]):
+    """The prompt pass over a left-padded batch, packed (no padding, shared prefixes computed once), with
+    its KV cache laid out as the padded batch; None when packing would save nothing or cannot be done."""
+    from .data.features import pack_batch
+    from .model import _packs
+
+    if not _packs(model.lm):
+        return None
+    mask = batch["attention_mask"]
+    rows, width = mask.shape
+    pads = (mask == 0).sum(1)  # (B,) left padding of each row
+    steps = torch.arange(width, device=mask.device)[None, :]
+    shift = (steps + pads[:, None]) % width  # right-aligned position j holds left position j + pad
+    right = {k: batch[k].gather(1, shift) for k in ("input_ids", "virtual_index", "attention_mask")}
+    plan = pack_batch(right["input_ids"], right["virtual_index"], right["attention_mask"], batch["tasknames"])
+    if plan is None:
+        return None
+    embeds = model.embed(right["input_ids"], right["virtual_index"], batch["tasknames"])  # (B, T, D)
+    packed, attention = model.packed_inputs(embeds, plan)  # (R, S, D), (R, 1, S, S)
+    last = plan.target[torch.arange(rows, device=mask.device), width - pads - 1]  # (B,) slot of each last token
+    cache, hidden = _backbone_step(model, None, rows=last, inputs_embeds=packed, attention_mask=attention,
+                                   position_ids=plan.position_ids)
+    if not _remap_cache(cache, plan.target.gather(1, (steps - pads[:, None]).clamp(min=0))):
+        return None
+    return cache, hidden
 
 
 def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -43,32 +98,42 @@ def generate_batch(model, batch: Mapping[str, Any], max_new_tokens: int, do_samp
                    top_p: float, stop: list[str], generator: torch.Generator | None) -> list[str]:
     """Decode one left-padded batch; returns the new text of each row (EOS and stop strings cut)."""
     tokenizer = model.tokenizer
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
     mask = batch["attention_mask"]  # (B, T)
-    embeds = model.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])  # (B, T, D)
     positions = model.position_ids(mask)  # (B, T)
     head = model.lm.get_output_embeddings()
-    cache, last = _backbone_step(model, None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    prompt = _packed_prompt(model, batch) if getattr(model, "pack_sequences", False) else None
+    if prompt is not None:
+        cache, last = prompt
+    else:
+        embeds = model.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])  # (B, T, D)
+        cache, last = _backbone_step(model, None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
     rows = mask.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     texts = [""] * rows
-    done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
-    next_pos = positions[:, -1:] + 1  # (B, 1)
+    alive = list(range(rows))  # the batch row of each row still decoding; finished rows leave the batch
+    next_pos = positions[:, -1:] + 1  # (A, 1)
     for step in range(max_new_tokens):
-        nxt = _pick(head(last), do_sample, temperature, top_p, generator)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        for i in (~done).nonzero()[:, 0].tolist():
-            token = nxt[i].item()
+        nxt = _pick(head(last), do_sample, temperature, top_p, generator)  # (A,)
+        keep = []
+        for a, token in enumerate(nxt.tolist()):
+            i = alive[a]
             if token == eos:
-                done[i] = True
                 continue
             tokens[i].append(token)
+            hit = False
             if stop:
                 texts[i], hit = _cut(tokenizer.decode(tokens[i], skip_special_tokens=True), stop)
-                done[i] = done[i] | hit
-        if bool(done.all()) or step == max_new_tokens - 1:  # no backbone call for a token never picked
+            if not hit:
+                keep.append(a)
+        if not keep or step == max_new_tokens - 1:  # no backbone call for a token never picked
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+1)
+        if len(keep) < len(alive):  # drop finished rows from the cache, mask and positions
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, next_pos, nxt = mask[index], next_pos[index], nxt[index]
+            alive = [alive[a] for a in keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, T+1)
         cache, last = _backbone_step(model, cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos)
         next_pos = next_pos + 1
     return [texts[i] if stop else tokenizer.decode(tokens[i], skip_special_tokens=True) for i in range(rows)]

@@ -213,16 +213,20 @@ class PromptLearningModel(nn.Module):
         if plan is None:
             return self.hidden_states(batch)[:, :-1][has_label]
         embeds = self.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])  # (B, T, D)
-        dim = embeds.shape[-1]
-        packed = embeds.reshape(-1, dim)[plan.source]  # (R, S, D)
+        packed, mask = self.packed_inputs(embeds, plan)
+        out = self.lm.base_model(inputs_embeds=packed, attention_mask=mask, position_ids=plan.position_ids,
+                                 use_cache=False)
+        hidden = out.last_hidden_state.reshape(-1, packed.shape[-1])  # (R*S, D)
+        return hidden[plan.target[:, :-1][has_label]]
+
+    def packed_inputs(self, embeds: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) embeddings gathered into the plan's (R, S, D) rows, and the backbone's 4D mask."""
+        packed = embeds.reshape(-1, embeds.shape[-1])[plan.source]  # (R, S, D)
         mask = plan.attention  # (R, 1, S, S) bool, used as is by SDPA; eager attention adds a float mask
         if self.lm.config._attn_implementation == "eager":
             mask = torch.zeros(mask.shape, dtype=packed.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(packed.dtype).min)
-        out = self.lm.base_model(inputs_embeds=packed, attention_mask=mask, position_ids=plan.position_ids,
-                                 use_cache=False)
-        hidden = out.last_hidden_state.reshape(-1, dim)  # (R*S, D)
-        return hidden[plan.target[:, :-1][has_label]]
+        return packed, mask
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         device = self.base.device

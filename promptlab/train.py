@@ -31,8 +31,9 @@ class TrainConfig:
         max_steps: optimizer steps.
         batch_size: examples per process per micro-batch.
         grad_accum: micro-batches per optimizer step.
-        lr: learning rate of prompt-tuning parameters.
-        p_tuning_lr: learning rate of p-tuning encoders and their inputs.
+        lr: learning rate of the vectors that live in embedding space: prompt-tuning prompts and the
+            inputs of p-tuning encoders (with the residual encoder these are the prompt it starts from).
+        p_tuning_lr: learning rate of the p-tuning encoders' network weights (LSTM / MLP).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps; None: 10% of max_steps.
         min_lr_ratio: the cosine schedule decays to lr * min_lr_ratio.
@@ -55,7 +56,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-2
-    p_tuning_lr: float = 1e-3
+    p_tuning_lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.1
@@ -170,8 +171,9 @@ class Trainer:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
     def _param_groups(self) -> list[dict]:
-        prompt = [p for p in self.model.prompt_embeddings.parameters()]
-        encoder = [p for p in self.model.encoders.parameters()]
+        inputs = [p for enc in self.model.encoders.values() for p in enc.inputs.values()]
+        prompt = [*self.model.prompt_embeddings.parameters(), *inputs]
+        encoder = [p for p in self.model.encoders.parameters() if all(p is not q for q in inputs)]
         groups = [{"params": prompt, "lr": self.config.lr, "base_lr": self.config.lr},
                   {"params": encoder, "lr": self.config.p_tuning_lr, "base_lr": self.config.p_tuning_lr}]
         return [g for g in groups if g["params"]]
