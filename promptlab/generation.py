@@ -111,24 +111,25 @@ def generate_batch(model, batch: Mapping[str, Any], max_new_tokens: int, do_samp
     rows = mask.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     texts = [""] * rows
-    alive = list(range(rows))  # the batch row of each row still decoding; finished rows leave the batch
+    alive = list(range(rows))  # the batch row of each row in the batch; finished rows leave it
+    done = [False] * rows
+    can_drop = hasattr(cache, "batch_select_indices")  # else finished rows ride along, their tokens ignored
     next_pos = positions[:, -1:] + 1  # (A, 1)
     for step in range(max_new_tokens):
         nxt = _pick(head(last), do_sample, temperature, top_p, generator)  # (A,)
-        keep = []
-        for a, token in enumerate(nxt.tolist()):
-            i = alive[a]
+        for i, token in zip(alive, nxt.tolist()):
+            if done[i]:
+                continue
             if token == eos:
+                done[i] = True
                 continue
             tokens[i].append(token)
-            hit = False
             if stop:
-                texts[i], hit = _cut(tokenizer.decode(tokens[i], skip_special_tokens=True), stop)
-            if not hit:
-                keep.append(a)
+                texts[i], done[i] = _cut(tokenizer.decode(tokens[i], skip_special_tokens=True), stop)
+        keep = [a for a, i in enumerate(alive) if not done[i]]
         if not keep or step == max_new_tokens - 1:  # no backbone call for a token never picked
             break
-        if len(keep) < len(alive):  # drop finished rows from the cache, mask and positions
+        if can_drop and len(keep) < len(alive):  # drop finished rows from the cache, mask and positions
             index = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(index)
             mask, next_pos, nxt = mask[index], next_pos[index], nxt[index]

@@ -6,6 +6,7 @@ prefixes that rows of one task share only once. These tests switch it off and on
 import pytest
 import torch
 
+from promptlab import generation
 from promptlab.data.features import collate, encode_records, pack_batch
 from promptlab.evaluate import rank_labels
 from test_model import RECORDS, build, training_records
@@ -109,3 +110,25 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_g
     cut = [model.generate([r], max_new_tokens=8, stop=stops)[0] for r in RECORDS]
     assert model.generate(RECORDS, max_new_tokens=8, stop=stops) == cut
     assert cut != alone  # some rows really stopped early
+
+
+def test_caches_that_cannot_drop_rows_keep_them_and_ignore_their_tokens(tiny_gpt2_base, monkeypatch):
+    model = build(tiny_gpt2_base)
+    model.eval()
+    alone = [model.generate([r], max_new_tokens=8)[0] for r in RECORDS]
+    stops = sorted({text[1:3] for text in alone if len(text) > 3})
+    expected = model.generate(RECORDS, max_new_tokens=8, stop=stops)
+    original = generation._backbone_step
+
+    class NoSelect:  # a cache without batch_select_indices: only forwards the backbone's own cache
+        def __init__(self, cache):
+            self.cache = cache
+
+    def step(model_, cache, rows=None, **inputs):
+        inner = cache.cache if isinstance(cache, NoSelect) else cache
+        new, hidden = original(model_, inner, rows=rows, **inputs)
+        return NoSelect(new), hidden
+
+    monkeypatch.setattr(generation, "_backbone_step", step)
+    monkeypatch.setattr(generation, "_packed_prompt", lambda *a: None)
+    assert model.generate(RECORDS, max_new_tokens=8, stop=stops) == expected
