@@ -2,15 +2,17 @@
 
 How to run (from the repository root, after ``pip install -e .[bench]``):
 
-    PROMPTLAB_DATA_MIRROR=/path/to/datasets python bench/quality.py            # the real run (hours on CPU)
+    PROMPTLAB_DATA_MIRROR=/path/to/datasets python bench/quality.py            # the real run (about 2 h on one CPU core)
     python bench/quality.py --quick                                             # a smoke test (minutes)
 
 Sentiment (the anchor protocol): Financial PhraseBank AllAgree, 80/10/10 split, the embedded
 SmolLM2-135M-Instruct, batch 8, 150 optimizer steps, 10 virtual tokens, no validation-based selection (the
 prompts after the last step are scored), accuracy on the 227 test records with the labels ranked by
 likelihood and, beside it, exact match of greedy generation. promptlab prompt tuning and p-tuning (the
-recommended recipe, and prompt tuning with PEFT's settings), PEFT prompt tuning (TEXT init, lr 3e-2) and
+recommended recipes, ``RECIPES``), PEFT prompt tuning (TEXT init, lr 3e-2) and
 PEFT p-tuning (LSTM, hidden 256, lr 1e-3) see the same token ids, batches, optimizer and schedule.
+``--only TASK`` runs part of it; parts run in separate processes (each with its own ``PROMPTLAB_BENCH_DATA``
+cache) merge by copying their cache entries into one cache and rendering with ``--resume``.
 intent_and_slot and SQuAD (from_dev): promptlab against the baselines with a modest step budget.
 Tables go into bench/RESULTS.md (the ``quality`` section; ``--quick`` writes to a temp file instead).
 """
@@ -34,9 +36,10 @@ from promptlab.baselines import baseline_model  # noqa: E402
 from promptlab.data.features import encode_records  # noqa: E402
 from promptlab.evaluate import SENTIMENT_LABELS, evaluate  # noqa: E402
 from promptlab.metrics import compute_task_metrics  # noqa: E402
+from promptlab.model import DEFAULT_INIT_TEXTS  # noqa: E402
 
 SEED = 1234
-SENTIMENT_INIT = "Classify the sentiment of this financial news as positive, neutral or negative"
+SENTIMENT_INIT = DEFAULT_INIT_TEXTS["sentiment"]
 
 # The recipes this benchmark recommends (found on the validation split; see RESULTS.md).
 RECIPES = {

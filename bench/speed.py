@@ -2,7 +2,7 @@
 
 How to run (from the repository root, after ``pip install -e .[bench]``):
 
-    PROMPTLAB_DATA_MIRROR=/path/to/datasets python bench/speed.py      # the real run (~1 h on a 2-core CPU)
+    PROMPTLAB_DATA_MIRROR=/path/to/datasets python bench/speed.py      # the real run (about 35 min on one CPU core)
     python bench/speed.py --quick                                        # a smoke test
 
 1. Training step time (forward + backward + clipping + optimizer step, collation included), measured

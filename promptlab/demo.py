@@ -78,7 +78,7 @@ def run_demo(out_dir: str | Path = "runs/demo", model_name: str = "embedded", st
     torch.manual_seed(0)
     config = dict(max_steps=steps, batch_size=8, eval_every=max(steps // 2, 1), eval_max_records=eval_records // 2,
                   progress=not quick)
-    model.add_prompt_tuning("sentiment", init_text="Classify the sentiment of this financial news as positive, neutral or negative")
+    model.add_prompt_tuning("sentiment")  # starts from DEFAULT_INIT_TEXTS["sentiment"]
     histories = {"sentiment": _train(model, "sentiment", splits, TrainConfig(**config), log)}
     model.add_p_tuning(["intent_and_slot"], encoder="lstm")
     histories["intent_and_slot"] = _train(model, "intent_and_slot", splits, TrainConfig(**config), log)
