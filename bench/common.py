@@ -291,17 +291,23 @@ def peft_generate(peft_model, examples, tokenizer, max_new_tokens: int, batch_si
         gen = peft_model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = gen[:, batch["input_ids"].shape[1]:]
-        for row, i in enumerate(idx):
-            ids = new[row].tolist()
-            if tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(tokenizer.eos_token_id)]
-            produced += len(ids)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-            out[i] = text.strip()
+        produced += _decode_rows(gen[:, batch["input_ids"].shape[1]:], idx, out, tokenizer, stop)
     return out, produced
+
+
+def _decode_rows(new_tokens: torch.Tensor, idx: list[int], out: list[str], tokenizer, stop: str | None) -> int:
+    """Write each row's text (cut at EOS and ``stop``) into ``out[idx[row]]``; returns the tokens kept."""
+    produced = 0
+    for row, i in enumerate(idx):
+        ids = new_tokens[row].tolist()
+        if tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_token_id)]
+        produced += len(ids)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+        out[i] = text.strip()
+    return produced
 
 
 def peft_prompt_vectors(peft_model) -> torch.Tensor:
@@ -335,13 +341,5 @@ def generate_with_prompt(base_model, prompt: torch.Tensor, examples, tokenizer, 
                                   attention_mask=torch.tensor(masks, device=embed.weight.device),
                                   max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for row, i in enumerate(idx):
-            ids = gen[row].tolist()  # with inputs_embeds, generate returns the new tokens only
-            if tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(tokenizer.eos_token_id)]
-            produced += len(ids)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-            out[i] = text.strip()
+        produced += _decode_rows(gen, idx, out, tokenizer, stop)  # with inputs_embeds: the new tokens only
     return out, produced
