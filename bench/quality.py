@@ -34,12 +34,13 @@ import common  # noqa: E402
 import promptlab as pl  # noqa: E402
 from promptlab.baselines import baseline_model  # noqa: E402
 from promptlab.data.features import encode_records  # noqa: E402
-from promptlab.evaluate import SENTIMENT_LABELS, evaluate  # noqa: E402
+from promptlab.evaluate import evaluate  # noqa: E402
 from promptlab.metrics import compute_task_metrics  # noqa: E402
-from promptlab.model import DEFAULT_INIT_TEXTS  # noqa: E402
 
 SEED = 1234
-SENTIMENT_INIT = DEFAULT_INIT_TEXTS["sentiment"]
+SENTIMENT = pl.default_tasks()["sentiment"]  # its init text and labels come from tasks.yaml
+SENTIMENT_INIT = SENTIMENT.init_text
+SENTIMENT_LABELS = SENTIMENT.labels
 
 # The recipes this benchmark recommends (found on the validation split; see RESULTS.md).
 RECIPES = {

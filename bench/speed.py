@@ -15,7 +15,13 @@ How to run (from the repository root, after ``pip install -e .[bench]``):
    template has its virtual tokens in front, so both must produce the same text (checked).
 3. Peak memory of training steps (random batches), each library in a fresh child process: peak RSS
    (VmHWM) on CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
-Tables go into bench/RESULTS.md (the ``speed`` section; ``--quick`` writes to a temp file instead).
+4. ``generate-reference``: the records of 2., promptlab's `generate` against ONE transformers
+   ``generate(inputs_embeds=..., attention_mask=...)`` call on promptlab's embeddings of the whole mixed,
+   left-padded batch, at the default precision; the texts must agree (identical rows counted).
+5. ``precision``: promptlab's training step (as in 1., length-grouped batches) with the frozen base held in
+   float32 and in bfloat16, the same batches and starting prompt; step times and the losses of both.
+Tables go into bench/RESULTS.md (the ``speed``, ``speed-generate-reference`` and ``speed-precision`` sections;
+``--quick`` writes to a temp file instead). ``--parts`` runs a subset, e.g. ``--parts generate-reference precision``.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from promptlab.data.features import IGNORE_INDEX, collate, encode_records, lengt
 
 BATCH = 8
 SEED = 1234
+PARTS = ["training", "generation", "memory", "generate-reference", "precision"]
 # Templates with every virtual token in front, so PEFT (prefix only) runs exactly the same token ids.
 SPEED_TASKS = {
     "sentiment": pl.TaskTemplate("sentiment", "<|VIRTUAL_PROMPT_0|> {sentence} sentiment: {label}", 10,
@@ -109,8 +116,8 @@ def random_batches(count: int, size: int, steps: int, seed: int = SEED) -> list[
 
 
 # --------------------------------------------------------------------------------------- steps
-def promptlab_step(model, optimizer, examples, pad_id: int) -> None:
-    """One Trainer step: the sum over labelled tokens / their count, backward, clip, AdamW."""
+def promptlab_step(model, optimizer, examples, pad_id: int) -> float:
+    """One Trainer step: the sum over labelled tokens / their count, backward, clip, AdamW; returns the loss."""
     batch = collate(examples, pad_id, "right")
     tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     loss = model(batch, reduction="sum") / tokens
@@ -118,6 +125,7 @@ def promptlab_step(model, optimizer, examples, pad_id: int) -> None:
     torch.nn.utils.clip_grad_norm_(model.prompt_embeddings.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def peft_step(model, optimizer, examples, pad_id: int) -> None:
@@ -266,6 +274,153 @@ def bench_generation(base, per_task: int, new_tokens: int, repeats: int) -> dict
                         for i in range(min(6, len(records)))]}
 
 
+def reference_texts(model, records: list[dict], new_tokens: int) -> list[str]:
+    """Greedy texts from ONE transformers `generate` call on promptlab's embeddings of the whole mixed batch.
+
+    The same inputs promptlab's backbone gets: `encode_records`, left-padded `collate`, `embed` (prompts written
+    into the virtual positions), then ``model.lm.generate(inputs_embeds=..., attention_mask=...)``. No position
+    ids are passed: transformers 5 derives them from the mask (cumsum - 1, pads at 0), as promptlab does.
+    """
+    tok = model.tokenizer
+    examples, _ = encode_records(records, model.tasks, tok, model.max_seq_length - new_tokens, with_answer=False)
+    batch = model.to_device(collate(examples, tok.pad_token_id, padding_side="left"))
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])  # (B, T, D)
+        out = model.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                max_new_tokens=new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)  # (B, <=N): the new tokens only
+    texts = []
+    for ids in out.tolist():
+        ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+        texts.append(tok.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def cell(text: str) -> str:
+    """Text for a Markdown table cell: newlines and pipes escaped."""
+    return json.dumps(text)[1:-1].replace("|", "\\|")
+
+
+def dtype_name(base) -> str:
+    return str(base.dtype).replace("torch.", "")
+
+
+def frozen_model(base, tasks: list[str]) -> pl.PromptLearningModel:
+    model = promptlab_model(base, tasks)
+    model.freeze()  # inference: the prompts live in the table
+    return model.eval()
+
+
+def agreement(base, records: list[dict], new_tokens: int, model=None, reference=None) -> list[dict]:
+    """Rows whose text promptlab and transformers' generate agree on, with promptlab's packed prompt pass
+    (the default) and with its padded one (the computation transformers does)."""
+    model = model or frozen_model(base, list(SPEED_TASKS))
+    reference = reference or reference_texts(model, records, new_tokens)
+    rows = []
+    for pack, label in ((True, "packed (default)"), (False, "padded (pack_sequences=False)")):
+        model.pack_sequences = pack
+        texts = model.generate(records, max_new_tokens=new_tokens, batch_size=len(records))
+        same = sum(a == b for a, b in zip(texts, reference))
+        rows.append({"base_dtype": dtype_name(base), "promptlab_prompt_pass": label,
+                     "same_text_as_transformers": f"{same}/{len(records)}"})
+    model.pack_sequences = True
+    return rows
+
+
+def bench_generate_reference(base, per_task: int, new_tokens: int, repeats: int, check_bases=()) -> dict:
+    """promptlab's decoding loop against transformers' `generate`, both in one call on the same mixed batch.
+
+    The records, prompts and new-token budget of `bench_generation`; each variant goes from records to texts
+    (encoding and collation included), interleaved, the order alternating every repeat. Then, untimed, the
+    rows whose text agrees, for ``base`` and each of ``check_bases`` (other dtypes), packed and padded.
+    """
+    tasks = list(SPEED_TASKS)
+    records = generation_records(per_task)
+    model = frozen_model(base, tasks)
+    tok = base.tokenizer
+    variants = {"promptlab generate (its own loop)":
+                    lambda: model.generate(records, max_new_tokens=new_tokens, batch_size=len(records)),
+                "transformers generate(inputs_embeds=...)": lambda: reference_texts(model, records, new_tokens)}
+    names = list(variants)
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    outputs = {}
+    for r in range(repeats + 1):  # the first round warms up
+        for name in names[r % 2:] + names[: r % 2]:
+            with Clock() as c:
+                outputs[name] = variants[name]()
+            if r:
+                wall[name].append(c.wall)
+                cpu[name].append(c.cpu)
+    rows = []
+    for name in names:
+        same = sum(a == b for a, b in zip(outputs[name], outputs[names[0]]))
+        n = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in outputs[name])
+        rows.append({"variant": name, "base_dtype": dtype_name(base), "calls": 1, "tokens": n,
+                     "same_text_as_promptlab": f"{same}/{len(records)}", "median_wall_s": common.median(wall[name]),
+                     "median_cpu_s": common.median(cpu[name])})
+    ours, ref = rows
+    for row in rows:
+        row["time_vs_transformers_wall"] = row["median_wall_s"] / ref["median_wall_s"]
+        row["time_vs_transformers_cpu"] = row["median_cpu_s"] / ref["median_cpu_s"]
+    differing = [i for i in range(len(records)) if outputs[names[0]][i] != outputs[names[1]][i]]
+    checks = agreement(base, records, new_tokens, model, outputs[names[1]])
+    for other in check_bases:
+        checks += agreement(other, records, new_tokens)
+    return {"rows": rows, "checks": checks, "records": len(records), "new_tokens": new_tokens, "repeats": repeats,
+            "ratio_wall": ours["time_vs_transformers_wall"], "ratio_cpu": ours["time_vs_transformers_cpu"],
+            "differing": [{"task": records[i]["taskname"], **{k: cell(outputs[k][i][:60]) for k in names}}
+                          for i in differing[:4]]}
+
+
+# ------------------------------------------------------------------------------------------ precision
+def bench_precision(bases: dict[str, object], task: str, steps: int) -> dict:
+    """Training step time and loss with the frozen base held in each dtype of ``bases``, same batches.
+
+    Each variant trains its own copy of the same starting prompt (the first base's text init, copied into the
+    others) on the same length-grouped batches (what `Trainer` feeds), step by step interleaved, the order
+    rotating each step, after one warm-up step each on records outside the pool.
+    """
+    names = list(bases)
+    first = next(iter(bases.values()))
+    examples = train_examples(first, task, (steps + 1) * BATCH)
+    pool, warm = examples[: steps * BATCH], examples[steps * BATCH :]
+    batches = length_grouped_batches([len(e) for e in pool], BATCH, seed=SEED)[:steps]
+    models, optimizers = {}, {}
+    for name, base in bases.items():
+        models[name] = promptlab_model(base, [task])
+        if name != names[0]:
+            with torch.no_grad():
+                models[name].prompt_embeddings[task].weight.copy_(models[names[0]].prompt_embeddings[task].weight)
+        models[name].train()
+        optimizers[name] = torch.optim.AdamW(models[name].prompt_embeddings.parameters(), lr=1e-3)
+    pad = first.tokenizer.pad_token_id
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    losses = {k: [] for k in names}
+    for name in names:
+        promptlab_step(models[name], optimizers[name], warm, pad)
+    for i, idx in enumerate(batches):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            with Clock() as c:
+                loss = promptlab_step(models[name], optimizers[name], [pool[j] for j in idx], pad)
+            wall[name].append(c.wall)
+            cpu[name].append(c.cpu)
+            losses[name].append(loss)
+    ref = names[0]
+    rows = []
+    for name in names:
+        rows.append({"task": task, "base_dtype": name, "steps": len(batches),
+                     "median_wall_s": common.median(wall[name]), "median_cpu_s": common.median(cpu[name]),
+                     "total_wall_s": sum(wall[name]), "total_cpu_s": sum(cpu[name]),
+                     "total_wall_vs_fp32": sum(wall[name]) / sum(wall[ref]),
+                     "total_cpu_vs_fp32": sum(cpu[name]) / sum(cpu[ref]),
+                     "first_loss": losses[name][0], "last_loss": losses[name][-1],
+                     "mean_loss": sum(losses[name]) / len(losses[name]),
+                     "max_abs_loss_diff_vs_fp32": f"{max(abs(a - b) for a, b in zip(losses[name], losses[ref])):.2g}"})
+    return {"rows": rows, "losses": losses}
+
+
 # ------------------------------------------------------------------------------------ memory (child)
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -384,6 +539,62 @@ def report(info: dict, training: dict, generation: dict | None, memory: list[dic
     return "\n".join(parts)
 
 
+def header(title: str, info: dict, quick: bool, wall: float, threads: int) -> list[str]:
+    parts = [f"## {title}", "",
+             f"Command: `{common.command_line()}`; wall time {wall / 60:.1f} min; torch threads: {threads}.", "",
+             "Machine:", common.machine_markdown(info), ""]
+    if quick:
+        parts += ["**--quick: a smoke test (a few steps); these numbers mean nothing.**", ""]
+    return parts
+
+
+def report_generate_reference(info: dict, g: dict, quick: bool, wall: float, threads: int) -> str:
+    parts = header("Generation: promptlab's loop against transformers' generate (bench/speed.py)", info, quick,
+                   wall, threads)
+    faster = 1 / g["ratio_wall"]
+    parts += [f"The records of the mixed-generation table ({g['records']} test records, 8 each of sentiment, "
+              f"intent_and_slot, squad, shuffled), greedy, up to {g['new_tokens']} new tokens, the base at the "
+              "default precision (`load_base_model(\"embedded\")`), medians of "
+              f"{g['repeats']} repeats after a warm-up, the two interleaved. Both make ONE call on the whole "
+              "mixed batch and go from records to texts: promptlab's `model.generate` (its own loop: packed "
+              "prompt pass, KV cache, finished rows dropped) and transformers' `model.lm.generate(inputs_embeds="
+              "..., attention_mask=...)` on promptlab's embeddings of the left-padded batch (`model.embed`; "
+              "transformers derives the position ids from the mask as promptlab does). `same_text_as_promptlab`: "
+              "rows whose text is identical; `time_vs_transformers_*`: median time over transformers' median.", "",
+              common.md_table(g["rows"], ["variant", "base_dtype", "calls", "tokens", "same_text_as_promptlab",
+                                          "median_wall_s", "median_cpu_s", "time_vs_transformers_wall",
+                                          "time_vs_transformers_cpu"]), "",
+              f"Ratio promptlab / transformers: {g['ratio_wall']:.3f} (wall), {g['ratio_cpu']:.3f} (CPU): the "
+              f"custom loop is {faster:.2f}x as fast as transformers' generate, "
+              f"{'at least' if faster >= 1.3 else 'less than'} the 1.3x target.", "",
+              "Agreement (untimed, same records): rows where promptlab's text equals transformers', with "
+              "promptlab's packed prompt pass (the default: no padding, shared prefixes computed once) and with "
+              "its padded one (the very computation transformers does), per dtype of the base:", "",
+              common.md_table(g["checks"], ["base_dtype", "promptlab_prompt_pass", "same_text_as_transformers"]),
+              ""]
+    if g["differing"]:
+        parts += ["First rows whose text differs in the timed run (first 60 characters):", "",
+                  common.md_table(g["differing"], list(g["differing"][0])), ""]
+    return "\n".join(parts)
+
+
+def report_precision(info: dict, precision: dict, quick: bool, wall: float, threads: int) -> str:
+    parts = header("Training step: frozen base in float32 against bfloat16 (bench/speed.py)", info, quick, wall,
+                   threads)
+    rows = [row for res in precision.values() for row in res["rows"]]
+    parts += ["promptlab prompt tuning, batch 8, forward + backward + clip + AdamW step (collation included), "
+              "the embedded model loaded twice: `load_base_model(\"embedded\", dtype=torch.float32)` and "
+              "`dtype=torch.bfloat16` (prompts and optimizer state stay float32 in both). Both train the same "
+              "starting prompt on the same length-grouped batches of real training records, step by step "
+              "interleaved (the order rotating each step) after one warm-up step each. Losses are each "
+              "variant's own (their prompts drift apart as they train); `max_abs_loss_diff_vs_fp32` is the largest "
+              "per-step difference. `*_vs_fp32` < 1 means faster than float32.", "",
+              common.md_table(rows, ["task", "base_dtype", "steps", "median_wall_s", "median_cpu_s", "total_wall_s",
+                                     "total_cpu_s", "total_wall_vs_fp32", "total_cpu_vs_fp32", "first_loss",
+                                     "last_loss", "mean_loss", "max_abs_loss_diff_vs_fp32"]), ""]
+    return "\n".join(parts)
+
+
 def plot(training: dict, generation: dict | None, memory: list[dict], path: Path) -> None:
     """promptlab relative to PEFT: training time per pass, generation throughput, peak memory."""
     import matplotlib
@@ -426,8 +637,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a small shared CPU, more threads spin and slow down)")
     parser.add_argument("--out", help="Markdown file to write (default: bench/RESULTS.md; --quick: a temp file)")
-    parser.add_argument("--parts", nargs="*", default=["training", "generation", "memory"],
-                        choices=["training", "generation", "memory"], help="run only these parts")
+    parser.add_argument("--parts", nargs="*", default=PARTS, choices=PARTS, help="run only these parts")
     parser.add_argument("--memory-child", nargs=4, metavar=("LIBRARY", "TASK", "STEPS", "THREADS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -459,13 +669,43 @@ def main(argv=None) -> int:
     if "memory" in args.parts:
         log("peak memory ...")
         memory = bench_memory(list(steps), 2 if args.quick else 4, args.threads)
-    common.write_section("speed", report(info, training, generation, memory, args.quick,
-                                         time.perf_counter() - start, args.threads), out)
-    common.save_json(common.data_dir() / ("speed-quick.json" if args.quick else "speed.json"),
-                     {"training": training, "generation": generation, "memory": memory})
-    figure = Path(tempfile.gettempdir()) / "promptlab-speed-quick.png" if args.quick else common.BENCH / "speed.png"
-    plot(training, generation, memory, figure)
-    log(f"wrote {out} and {figure}")
+    if set(args.parts) & {"training", "generation", "memory"}:  # else the speed section and figure stay as they are
+        common.write_section("speed", report(info, training, generation, memory, args.quick,
+                                             time.perf_counter() - start, args.threads), out)
+        common.save_json(common.data_dir() / ("speed-quick.json" if args.quick else "speed.json"),
+                         {"training": training, "generation": generation, "memory": memory})
+        figure = Path(tempfile.gettempdir()) / "promptlab-speed-quick.png" if args.quick else common.BENCH / "speed.png"
+        plot(training, generation, memory, figure)
+        log(f"wrote {figure}")
+    loaded = {base.dtype: base}
+
+    def embedded(dtype: torch.dtype):
+        if dtype not in loaded:
+            loaded[dtype] = pl.load_base_model("embedded", dtype=dtype)
+        return loaded[dtype]
+
+    if "generate-reference" in args.parts:
+        started = time.perf_counter()
+        log("generation: promptlab's loop against transformers' generate ...")
+        checks = [embedded(torch.float32)] if base.dtype != torch.float32 else []
+        ref = bench_generate_reference(base, per_task=8, new_tokens=24, repeats=1 if args.quick else 5,
+                                       check_bases=checks)
+        log(f"  {json.dumps(ref['rows'])}")
+        common.write_section("speed-generate-reference", report_generate_reference(
+            info, ref, args.quick, time.perf_counter() - started, args.threads), out)
+        common.save_json(common.data_dir() / f"speed-generate-reference{'-quick' if args.quick else ''}.json", ref)
+    if "precision" in args.parts:
+        started = time.perf_counter()
+        bases = {"float32": embedded(torch.float32), "bfloat16": embedded(torch.bfloat16)}
+        precision = {}
+        for task, n in steps.items():
+            log(f"training steps, float32 against bfloat16 base: {task} ...")
+            precision[task] = bench_precision(bases, task, n)
+            log(f"  {json.dumps(precision[task]['rows'])}")
+            common.write_section("speed-precision", report_precision(
+                info, precision, args.quick, time.perf_counter() - started, args.threads), out)
+        common.save_json(common.data_dir() / f"speed-precision{'-quick' if args.quick else ''}.json", precision)
+    log(f"wrote {out}")
     return 0
 
 

@@ -22,6 +22,8 @@ def _cmd_train(args) -> None:
     from .pipeline import load_run_config, run_training
 
     result = run_training(load_run_config(args.config), resume=args.resume)
+    if not result["main_process"]:  # under torchrun / accelerate launch the main process reports
+        return
     print(f"trained {result['tasks']} for {result['steps']} steps (best at step {result['best_step']}); "
           f"prompt table: {result['prompt_table']}")
 
@@ -39,33 +41,36 @@ def _load(args, base=None):
 
 def _cmd_generate(args) -> None:
     from .data.jsonl import read_jsonl, write_jsonl
+    from .evaluate import answer_text
 
     model = _load(args)
     records = read_jsonl(args.input)
     texts = model.generate(records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            stop=args.stop or None)
-    n = write_jsonl(args.output, [{**r, "prediction": t} for r, t in zip(records, texts)])
+    # the answer as `evaluate` scores it, whatever whitespace the template put before it
+    n = write_jsonl(args.output, [{**r, "prediction": answer_text(t)} for r, t in zip(records, texts)])
     print(f"wrote {n} predictions to {args.output}")
 
 
 def _cmd_evaluate(args) -> None:
     from .baselines import baseline_model
     from .data.jsonl import read_jsonl
-    from .evaluate import evaluate, limit_per_task
+    from .evaluate import evaluate, sample_per_task
     from .io import atomic_write_text
     from .metrics import format_metrics_table
     from .models import load_base_model
 
     records = read_jsonl(args.data)
     if args.max_records:
-        records = limit_per_task(records, args.max_records)
+        records = sample_per_task(records, args.max_records)
     if args.baseline:
         from .templates import default_tasks
 
         base = load_base_model(args.model)
         tasks = default_tasks()
         if args.prompts:
-            tasks.update({t: e.template for t, e in _load(args, base).prompt_table._entries.items()})
+            table = _load(args, base).prompt_table
+            tasks.update({t: table.entry(t).template for t in table})
         train = read_jsonl(args.train) if args.train else None
         model = baseline_model(base, tasks, args.baseline, train, k=args.shots)
     else:
@@ -91,7 +96,7 @@ def _cmd_table(args) -> None:
     elif args.action == "show":
         if not args.task:
             raise PromptlabError("table show needs a TASK")
-        entry = table.entry(args.task)
+        entry = table.entry(args.task)  # PromptTableError naming the tasks it holds
         print(json.dumps({"task": args.task, "method": entry.method, "shape": list(entry.prompt.shape),
                           "template": entry.template.to_dict(),
                           "norms": [round(x, 4) for x in entry.prompt.norm(dim=-1).tolist()]}, indent=1))
@@ -125,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train prompts from a YAML run config")
     s.add_argument("config")
-    s.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.safetensors")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from output_dir/checkpoint.safetensors (none yet: start fresh, and say so)")
     s.set_defaults(func=_cmd_train)
 
     for name, func, help_ in (("generate", _cmd_generate, "generate answers for JSONL records"),
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (PromptlabError, KeyError) as exc:
+    except PromptlabError as exc:  # promptlab's own errors name the problem; anything else is a bug: traceback
         print(f"promptlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

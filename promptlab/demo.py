@@ -15,7 +15,7 @@ import torch
 from .baselines import baseline_model
 from .data import prepare_dataset, read_jsonl
 from .errors import DownloadError
-from .evaluate import evaluate, limit_per_task
+from .evaluate import evaluate, sample_per_task
 from .io import atomic_write_text
 from .metrics import format_metrics_table, primary_metric
 from .model import PromptLearningModel
@@ -78,14 +78,14 @@ def run_demo(out_dir: str | Path = "runs/demo", model_name: str = "embedded", st
     torch.manual_seed(0)
     config = dict(max_steps=steps, batch_size=8, eval_every=max(steps // 2, 1), eval_max_records=eval_records // 2,
                   progress=not quick)
-    model.add_prompt_tuning("sentiment")  # starts from DEFAULT_INIT_TEXTS["sentiment"]
+    model.add_prompt_tuning("sentiment")  # starts from its init_text in tasks.yaml
     histories = {"sentiment": _train(model, "sentiment", splits, TrainConfig(**config), log)}
     model.add_p_tuning(["intent_and_slot"], encoder="lstm")
     histories["intent_and_slot"] = _train(model, "intent_and_slot", splits, TrainConfig(**config), log)
     table_path = out / "prompts.safetensors"
     model.prompt_table.save(table_path)
 
-    test = limit_per_task([r for t in DEMO_TASKS for r in splits[t]["test"]], eval_records)
+    test = sample_per_task([r for t in DEMO_TASKS for r in splits[t]["test"]], eval_records)
     mixed = [test[0], next(r for r in test if r["taskname"] == "intent_and_slot")]
     mixed_out = model.generate(mixed, max_new_tokens=30, stop=["\n\n"])
     log("evaluating learned prompts and the zero-shot baseline ...")

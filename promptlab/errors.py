@@ -31,3 +31,12 @@ class PromptTableError(PromptlabError, ValueError):
 
 class CheckpointError(PromptlabError, ValueError):
     """A training checkpoint is corrupt or belongs to another config or base model."""
+
+
+class TrainingError(PromptlabError, FloatingPointError):
+    """Training cannot go on: the loss became NaN or infinite (the message names the step and what to try)."""
+
+
+class AdapterError(PromptTableError):
+    """A PEFT adapter cannot be written or read: a template PEFT cannot express, another base model, or a
+    missing or corrupt file."""

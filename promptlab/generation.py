@@ -1,4 +1,10 @@
-"""The decoding loop behind `PromptLearningModel.generate`: left-padded mixed batches with a KV cache."""
+"""The decoding loop behind `PromptLearningModel.generate`: left-padded mixed batches with a KV cache.
+
+The loop is ours rather than transformers' `generate` because a batch may mix deep prompts of different
+lengths with input-level prompts: each row starts from its own prefix in the cache (`model.backbone_inputs`),
+and the prompt pass may be packed (`promptlab.packing`). bench/RESULTS.md compares it with one
+`generate(inputs_embeds=...)` call; tests/test_generation_reference.py checks both give the same text.
+"""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -6,6 +12,8 @@ from typing import Any, Mapping, Sequence
 import inspect
 
 import torch
+
+from .packing import pack_batch, packed_inputs, unpack_cache
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -22,52 +30,30 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _backbone_step(model, cache, rows: torch.Tensor | None = None, **inputs):
-    """One backbone call with the KV cache, across transformers versions (``cache`` in 5.x).
+def backbone_call(lm, **inputs):
+    """One call of the frozen backbone (no LM head), with a KV cache under the name this transformers
+    version takes (``cache`` in 5.x, ``past_key_values`` before)."""
+    backbone = lm.base_model
+    if "cache" in inputs and "cache" not in inspect.signature(backbone.forward).parameters:
+        inputs["past_key_values"] = inputs.pop("cache")
+    return backbone(**inputs)
 
-    Returns the cache and each row's last hidden state (B, D); with ``rows``, the hidden states at those
-    indices of the flattened (R*S) output instead (a packed prompt).
-    """
-    backbone = model.lm.base_model
-    key = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-    if cache is not None:
-        inputs[key] = cache
-    out = backbone(use_cache=True, **inputs)
-    new_cache = out["cache"] if "cache" in out else out["past_key_values"]
+
+def _step(lm, rows: torch.Tensor | None = None, **inputs):
+    """A cached backbone call: returns the cache and each row's last hidden state (B, D); with ``rows``,
+    the hidden states at those indices of the flattened (R*S) output instead (a packed prompt)."""
+    out = backbone_call(lm, use_cache=True, **inputs)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
     hidden = out.last_hidden_state
     if rows is None:
-        return new_cache, hidden[:, -1]  # (B, D)
-    return new_cache, hidden.reshape(-1, hidden.shape[-1])[rows]
-
-
-def _remap_cache(cache, index: torch.Tensor) -> bool:
-    """Lay out a packed prompt's KV cache, (R, H, S, d) per layer, as the left-padded batch's (B, H, T, d):
-    ``index`` (B, T) gives the packed slot of each position. False when the cache type is not known."""
-    def remap(x: torch.Tensor) -> torch.Tensor:
-        flat = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # (R*S, H, d)
-        return flat[index].transpose(1, 2).contiguous()  # (B, H, T, d)
-
-    layers = getattr(cache, "layers", None)
-    if layers is not None:  # transformers >= 4.56
-        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-            return False
-        for layer in layers:
-            layer.keys, layer.values = remap(layer.keys), remap(layer.values)
-        return True
-    if isinstance(getattr(cache, "key_cache", None), list):
-        cache.key_cache = [remap(k) for k in cache.key_cache]
-        cache.value_cache = [remap(v) for v in cache.value_cache]
-        return True
-    return False
+        return cache, hidden[:, -1]  # (B, D)
+    return cache, hidden.reshape(-1, hidden.shape[-1])[rows]
 
 
 def _packed_prompt(model, batch: Mapping[str, Any]):
     """The prompt pass over a left-padded batch, packed (no padding, shared prefixes computed once), with
     its KV cache laid out as the padded batch; None when packing would save nothing or cannot be done."""
-    from .data.features import pack_batch
-    from .model import _packs
-
-    if not _packs(model.lm):
+    if not model.can_pack(batch["tasknames"]):
         return None
     mask = batch["attention_mask"]
     rows, width = mask.shape
@@ -79,11 +65,11 @@ def _packed_prompt(model, batch: Mapping[str, Any]):
     if plan is None:
         return None
     embeds = model.embed(right["input_ids"], right["virtual_index"], batch["tasknames"])  # (B, T, D)
-    packed, attention = model.packed_inputs(embeds, plan)  # (R, S, D), (R, 1, S, S)
+    packed, attention = packed_inputs(model.lm, embeds, plan)  # (R, S, D), (R, 1, S, S)
     last = plan.target[torch.arange(rows, device=mask.device), width - pads - 1]  # (B,) slot of each last token
-    cache, hidden = _backbone_step(model, None, rows=last, inputs_embeds=packed, attention_mask=attention,
-                                   position_ids=plan.position_ids)
-    if not _remap_cache(cache, plan.target.gather(1, (steps - pads[:, None]).clamp(min=0))):
+    cache, hidden = _step(model.lm, rows=last, inputs_embeds=packed, attention_mask=attention,
+                          position_ids=plan.position_ids)
+    if not unpack_cache(cache, plan.target.gather(1, (steps - pads[:, None]).clamp(min=0))):
         return None
     return cache, hidden
 
@@ -99,22 +85,23 @@ def generate_batch(model, batch: Mapping[str, Any], max_new_tokens: int, do_samp
     """Decode one left-padded batch; returns the new text of each row (EOS and stop strings cut)."""
     tokenizer = model.tokenizer
     eos = tokenizer.eos_token_id
-    mask = batch["attention_mask"]  # (B, T)
-    positions = model.position_ids(mask)  # (B, T)
-    head = model.lm.get_output_embeddings()
-    prompt = _packed_prompt(model, batch) if getattr(model, "pack_sequences", False) else None
+    prompt = _packed_prompt(model, batch) if model.pack_sequences else None
     if prompt is not None:
         cache, last = prompt
+        mask = batch["attention_mask"]  # (B, T)
+        next_pos = model.position_ids(mask)[:, -1:] + 1  # (B, 1)
     else:
-        embeds = model.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])  # (B, T, D)
-        cache, last = _backbone_step(model, None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        inputs = model.backbone_inputs(batch)  # a deep prompt's prefix is already in the cache
+        cache, last = _step(model.lm, **inputs)
+        mask = inputs["attention_mask"]  # (B, Pmax+T)
+        next_pos = inputs["position_ids"][:, -1:] + 1  # (B, 1)
+    head = model.lm.get_output_embeddings()
     rows = mask.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     texts = [""] * rows
     alive = list(range(rows))  # the batch row of each row in the batch; finished rows leave it
     done = [False] * rows
     can_drop = hasattr(cache, "batch_select_indices")  # else finished rows ride along, their tokens ignored
-    next_pos = positions[:, -1:] + 1  # (A, 1)
     for step in range(max_new_tokens):
         nxt = _pick(head(last), do_sample, temperature, top_p, generator)  # (A,)
         for i, token in zip(alive, nxt.tolist()):
@@ -135,6 +122,6 @@ def generate_batch(model, batch: Mapping[str, Any], max_new_tokens: int, do_samp
             mask, next_pos, nxt = mask[index], next_pos[index], nxt[index]
             alive = [alive[a] for a in keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, T+1)
-        cache, last = _backbone_step(model, cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos)
+        cache, last = _step(model.lm, input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, cache=cache)
         next_pos = next_pos + 1
     return [texts[i] if stop else tokenizer.decode(tokens[i], skip_special_tokens=True) for i in range(rows)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import struct
 import tempfile
 from pathlib import Path
@@ -11,11 +13,13 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 # safetensors dtype names and their sizes in bytes
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER = 100 * 1024 * 1024
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
 
 
 def _umask() -> int:
@@ -24,15 +28,67 @@ def _umask() -> int:
     return mask
 
 
+def _host_tag() -> str:
+    """This machine's name as it appears in temporary file names (letters, digits, '-' and '_' only)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists here (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete the temporary files that killed writers of ``path`` left behind; return what was removed.
+
+    A temporary file is named ``.<name>.<host>.<pid>.<random>.tmp``. Only files of this target, written on
+    this machine by a process that no longer exists, are removed: a live writer's file (another process
+    saving the same file right now, or another thread of this one) is never touched, and neither is a file
+    from another machine sharing the folder, whose process ids mean nothing here.
+    """
+    path = Path(path)
+    prefix, host = f".{path.name}.", _host_tag()
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        parts = name[len(prefix) : -len(".tmp")].split(".")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if _pid_alive(int(parts[1])):
+            continue
+        try:
+            os.unlink(path.parent / name)
+            removed.append(path.parent / name)
+        except FileNotFoundError:  # another writer cleaned it first
+            pass
+        except OSError:
+            pass  # cleaning up is a courtesy: it never stops the write
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a half file.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, then renamed over ``path``.
-    On any error (a full disk, a kill) the temporary file is removed and the old file is untouched.
+    On any error (a full disk) the temporary file is removed and the old file is untouched. A kill leaves
+    the temporary file behind; its name carries the writer's host and pid, so the next write of the same
+    file removes it once that process is gone (`remove_stale_temp_files`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host_tag()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
@@ -71,10 +127,36 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` and string ``metadata``, byte for byte the same for the same content.
+
+    safetensors' own writer emits the metadata in hash order, so two saves of one table could differ. Here
+    the header is JSON with sorted keys and no spaces, padded with spaces to a multiple of 8 bytes (as
+    safetensors pads it); the tensors follow widest dtype first, then by name, in the machine's (little-endian)
+    byte order, with no gaps.
+    """
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata must map strings to strings")
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    chunks, offset = [], 0
+    # widest dtypes first, then by name: every tensor starts at a multiple of its element size
+    for name in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in ST_DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be saved; use one of {sorted(map(str, ST_DTYPES))}")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Atomically write tensors (moved to CPU, contiguous) with string metadata."""
-    data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
+    """Atomically write tensors (moved to CPU, contiguous) with string metadata; the same content gives the
+    same bytes (see `safetensors_bytes`)."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def load_safetensors(path: str | Path, error: Callable[[str], Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -141,15 +223,15 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def save_signed(path: str | Path, tensors: dict[str, torch.Tensor], key: str, meta: dict) -> None:
-    """Write tensors with ``meta`` as JSON under metadata ``key``, signed by its sha256 under ``key_sha256``."""
+def save_checksummed(path: str | Path, tensors: dict[str, torch.Tensor], key: str, meta: dict) -> None:
+    """Write tensors with ``meta`` as JSON under metadata ``key``, checksummed by its sha256 under ``key_sha256``."""
     text = json.dumps(meta, sort_keys=True)
     save_safetensors(path, tensors, {key: text, f"{key}_sha256": text_sha256(text)})
 
 
-def load_signed(path: str | Path, key: str, error: Callable[[str], Exception],
+def load_checksummed(path: str | Path, key: str, error: Callable[[str], Exception],
                 what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by `save_signed`; a missing, edited or unparsable metadata raises ``error``.
+    """Read a file written by `save_checksummed`; a missing, edited or unparsable metadata raises ``error``.
 
     The metadata carries the templates, settings and tensor checksums: a flipped byte there must not load.
     """

@@ -1,4 +1,5 @@
-"""Task metrics: classification accuracy and macro-F1, SQuAD v1.1 EM/F1, intent accuracy and slot F1.
+"""Task metrics: classification accuracy and macro-F1, SQuAD v1.1 EM/F1, intent accuracy and slot F1,
+exact match, ROUGE-L. Which one a task gets is its template's ``metric`` (tasks.yaml), never its name.
 
 Pure Python on lists of strings, so it runs anywhere (training loop, CLI, notebooks) without torch.
 
@@ -16,14 +17,15 @@ from collections.abc import Sequence
 
 from promptlab.errors import DataError
 
-SENTIMENT_LABELS = ["negative", "neutral", "positive"]
-"""The Financial PhraseBank label set, in the order used for confusion matrices."""
-
+# The headline value of each metric kind: picks the best checkpoint, compares methods. All higher-is-better.
 _PRIMARY_METRICS = {
-    "sentiment": "accuracy",
+    "classification": "accuracy",
     "squad": "f1",
     "intent_and_slot": "intent_accuracy",
+    "exact_match": "exact_match",
+    "rouge_l": "rouge_l",
 }
+_PERCENT_METRICS = {"squad"}  # reported in percent, like the official SQuAD script
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,42 +301,58 @@ def _field(records: list[dict], i: int, name: str, taskname: str):
         raise DataError(f"task {taskname!r}: record {i} has no {name!r} field to score against") from None
 
 
-def _squad_answers(records: list[dict], i: int) -> list[str]:
-    """The reference answers of a SQuAD record: its "answers" list, else its single "answer"."""
+def rouge_l_metrics(predictions: list[str], references: list[str]) -> dict:
+    """{"rouge_l": mean ROUGE-L F-measure, "n"}: longest common subsequence of words, as ROUGE-1.5.5
+    computes it (the rouge-score package: offline, no metric download)."""
+    from rouge_score import rouge_scorer
+
+    _check_lengths(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [scorer.score(str(r), str(p))["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return {"rouge_l": _ratio(sum(scores), len(scores)), "n": len(scores)}
+
+
+def _squad_answers(records: list[dict], i: int, answer_field: str, taskname: str) -> list[str]:
+    """The reference answers of a SQuAD-style record: its "answers" list, else its answer field."""
     answers = records[i].get("answers")
-    return list(answers) if answers else [_field(records, i, "answer", "squad")]
+    return list(answers) if answers else [_field(records, i, answer_field, taskname)]
 
 
-def compute_task_metrics(
-    taskname: str, predictions: list[str], records: list[dict], answer_field: str = "label"
-) -> dict:
-    """Score one task's predictions against its records, choosing the metric by task name.
+def _template(task):
+    """A TaskTemplate, or a task name looked up in the tutorial's tasks.yaml (for notebooks and scripts
+    that pass names); an unknown name scores by exact match on "label"."""
+    if not isinstance(task, str):
+        return task
+    from promptlab.templates import TaskTemplate, default_tasks
 
-    - "sentiment": `classification_metrics` on record["label"], labels negative/neutral/positive.
-    - "squad": `squad_metrics` on record["answers"] (all references) or else [record["answer"]].
-    - "intent_and_slot": `intent_slot_metrics` on record["label"].
-    - any other task: `exact_match_metrics` on record[answer_field].
+    return default_tasks().get(task) or TaskTemplate(task, "{label}", 0, answer_field="label")
+
+
+def compute_task_metrics(task, predictions: list[str], records: list[dict]) -> dict:
+    """Score one task's predictions against its records with the metric its template names.
+
+    ``task`` is the task's `TaskTemplate` (or its name, see `_template`). References are each record's
+    answer field; SQuAD-style scoring uses every reference in the record's ``answers`` when it has them.
     """
+    template = _template(task)
+    name, field = template.taskname, template.answer_field or "label"
     _check_lengths(predictions, records)
-    if taskname == "sentiment":
-        refs = [_field(records, i, "label", taskname) for i in range(len(records))]
-        return classification_metrics(predictions, refs, labels=SENTIMENT_LABELS)
-    if taskname == "squad":
-        return squad_metrics(predictions, [_squad_answers(records, i) for i in range(len(records))])
-    if taskname == "intent_and_slot":
-        refs = [_field(records, i, "label", taskname) for i in range(len(records))]
+    if template.metric == "squad":
+        return squad_metrics(predictions, [_squad_answers(records, i, field, name) for i in range(len(records))])
+    refs = [_field(records, i, field, name) for i in range(len(records))]
+    if template.metric == "classification":
+        return classification_metrics(predictions, refs, labels=template.labels)
+    if template.metric == "intent_and_slot":
         return intent_slot_metrics(predictions, refs)
-    refs = [_field(records, i, answer_field, taskname) for i in range(len(records))]
+    if template.metric == "rouge_l":
+        return rouge_l_metrics(predictions, refs)
     return exact_match_metrics(predictions, refs)
 
 
-def primary_metric(taskname: str) -> str:
-    """The metric used to pick the best checkpoint and to headline results for a task.
-
-    sentiment: "accuracy", squad: "f1", intent_and_slot: "intent_accuracy", others: "exact_match".
-    All are higher-is-better.
-    """
-    return _PRIMARY_METRICS.get(taskname, "exact_match")
+def primary_metric(task) -> str:
+    """The metric that picks the best checkpoint and headlines a task's results (higher is better):
+    accuracy (classification), f1 (squad), intent_accuracy, exact_match or rouge_l."""
+    return _PRIMARY_METRICS[_template(task).metric]
 
 
 def higher_is_better(metric_name: str) -> bool:
@@ -401,7 +419,8 @@ def format_metrics_table(results: dict[str, dict]) -> str:
     return "\n".join([line(header), separator, *(line(row) for row in rows)])
 
 
-def primary_score(taskname: str, metrics: dict) -> float:
+def primary_score(task, metrics: dict) -> float:
     """The task's primary metric on a 0..1 scale (SQuAD's percentages divided by 100), to compare tasks."""
-    value = float(metrics[primary_metric(taskname)])
-    return value / 100.0 if taskname == "squad" else value
+    template = _template(task)
+    value = float(metrics[primary_metric(template)])
+    return value / 100.0 if template.metric in _PERCENT_METRICS else value

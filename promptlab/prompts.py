@@ -10,6 +10,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 class PromptInit(str, Enum):
     """How the first prompt vectors are chosen."""
@@ -24,11 +26,12 @@ class EncoderType(str, Enum):
     MLP = "mlp"  # 2 hidden layers
 
 
-def _enum(kind: type[Enum], value) -> Enum:
+def _enum(kind: type[Enum], value, name: str) -> Enum:
+    """``value`` as a member of ``kind``; ConfigError naming the setting ``name`` and the value otherwise."""
     try:
         return kind(value.value if isinstance(value, Enum) else str(value).lower())
     except ValueError:
-        raise ValueError(f"unknown {kind.__name__} {value!r}; choose one of {[k.value for k in kind]}") from None
+        raise ConfigError(f"{name}: unknown {kind.__name__} {value!r}; choose one of {[k.value for k in kind]}") from None
 
 
 def initial_prompt(num_virtual_tokens: int, embeddings: torch.Tensor, tokenizer=None, init: str = "text",
@@ -38,15 +41,19 @@ def initial_prompt(num_virtual_tokens: int, embeddings: torch.Tensor, tokenizer=
     Text init tokenizes ``init_text`` with the base's own tokenizer (offline, GGUF too), then tiles or
     truncates the token embeddings to V rows. Without text it falls back to vocabulary sampling.
     """
-    init = _enum(PromptInit, init)
+    init = _enum(PromptInit, init, "init")
+    if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+        raise ConfigError(f"num_virtual_tokens must be an integer >= 1, got {num_virtual_tokens!r}")
     vocab, dim = embeddings.shape
     weights = embeddings.detach().float()
     if init is PromptInit.TEXT and init_text:
+        if not isinstance(init_text, str):
+            raise ConfigError(f"init_text must be a string, got {init_text!r}")
         if tokenizer is None:
-            raise ValueError("text init needs the base model's tokenizer")
+            raise ConfigError("init='text' needs the base model's tokenizer to read init_text")
         ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"init_text {init_text!r} has no tokens")
+            raise ConfigError(f"init_text {init_text!r} has no tokens")
         ids = (ids * (num_virtual_tokens // len(ids) + 1))[:num_virtual_tokens]  # tile, then truncate
         return weights[torch.tensor(ids, device=weights.device)].clone()
     if init is PromptInit.RANDOM:
@@ -93,9 +100,15 @@ class EncoderConfig:
     residual: bool = True
 
     def __post_init__(self) -> None:
-        self.encoder = _enum(EncoderType, self.encoder).value
-        if self.hidden_size < 1 or self.num_layers < 1 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"bad encoder settings: {self}")
+        self.encoder = _enum(EncoderType, self.encoder, "encoder").value
+        for name in ("hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"encoder {name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"encoder dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.residual, bool):
+            raise ConfigError(f"encoder residual must be true or false, got {self.residual!r}")
 
 
 class PromptEncoder(nn.Module):

@@ -1,8 +1,10 @@
 """`PromptTable`: every task's frozen prompt, saved as one safetensors file with metadata.
 
-A table belongs to one base model (name, hidden size, fingerprint of its embedding matrix). Each entry
-keeps its tensor (V, D) float32, its template, its method, and a sha256 of its bytes; loading checks all
-of them and refuses a file that does not match. Adding, replacing or removing a task leaves the other
+A table belongs to one base model (name, hidden size, fingerprint of its embedding matrix, and the
+layers and key/value width a deep prompt needs). Each entry keeps its tensor float32 - (V, D) input
+vectors for prompt tuning and p-tuning, (L, 2, P, KV) per-layer keys and values for deep prompt tuning -,
+its template, its method, and a sha256 of its bytes; loading checks all of them and refuses a file that
+does not match. Format v1 files (before deep prompts) still load. Adding, replacing or removing a task leaves the other
 tensors untouched, bit for bit.
 """
 from __future__ import annotations
@@ -13,18 +15,21 @@ from typing import Iterator
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .errors import PromptTableError
-from .io import load_signed, save_signed, tensor_sha256
+from .io import load_checksummed, save_checksummed, tensor_sha256
 from .templates import TaskTemplate
 
-FORMAT = "promptlab.prompt_table.v1"
-METHODS = ("prompt_tuning", "p_tuning")
+FORMAT = "promptlab.prompt_table.v2"
+READABLE_FORMATS = ("promptlab.prompt_table.v1", FORMAT)
+DEEP = "deep_prompt_tuning"
+METHODS = ("prompt_tuning", "p_tuning", DEEP)
 
 
 @dataclass
 class TableEntry:
-    """One frozen task prompt: tensor (V, D) float32, its template, and how it was learned."""
+    """One frozen task prompt: a (V, D) or, for deep prompts, (L, 2, P, KV) float32 tensor, its template,
+    and how it was learned."""
 
     prompt: torch.Tensor
     template: TaskTemplate
@@ -32,22 +37,28 @@ class TableEntry:
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.prompt.shape[0]
+        return self.prompt.shape[2] if self.method == DEEP else self.prompt.shape[0]
 
 
 class PromptTable:
-    """Frozen per-task prompts for one base model. ``table[task] -> (V, D)`` tensor."""
+    """Frozen per-task prompts for one base model. ``table[task]`` -> its tensor.
 
-    def __init__(self, base_model: str, hidden_size: int, fingerprint: str):
+    ``prefix_shape`` is (layers, key/value width) of the base, which deep prompts must fit (None in tables
+    written before deep prompts).
+    """
+
+    def __init__(self, base_model: str, hidden_size: int, fingerprint: str,
+                 prefix_shape: tuple[int, int] | None = None):
         self.base_model = base_model
         self.hidden_size = hidden_size
         self.fingerprint = fingerprint
+        self.prefix_shape = tuple(prefix_shape) if prefix_shape is not None else None
         self._entries: dict[str, TableEntry] = {}
 
     @classmethod
     def for_base(cls, base) -> "PromptTable":
         """An empty table bound to a loaded `BaseModel`."""
-        return cls(base.name, base.hidden_size, base.fingerprint)
+        return cls(base.name, base.hidden_size, base.fingerprint, base.prefix_shape)
 
     # ------------------------------------------------------------------------------------- contents
     def tasks(self) -> list[str]:
@@ -67,25 +78,41 @@ class PromptTable:
 
     def entry(self, task: str) -> TableEntry:
         if task not in self._entries:
-            raise KeyError(f"task {task!r} is not in the prompt table; it holds {self.tasks()}")
+            raise PromptTableError(f"task {task!r} is not in the prompt table; it holds {self.tasks()}")
         return self._entries[task]
+
+    def entries(self) -> dict[str, TableEntry]:
+        """Every entry by task (a copy of the mapping; the entries themselves are shared)."""
+        return dict(self._entries)
 
     def _check(self, task: str, prompt: torch.Tensor, template: TaskTemplate, method: str) -> torch.Tensor:
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if prompt.dim() != 2 or prompt.shape[1] != self.hidden_size:
-            raise ValueError(f"task {task!r}: prompt shape {tuple(prompt.shape)} must be (V, {self.hidden_size})")
-        if prompt.shape[0] != template.total_virtual_tokens:
-            raise ValueError(f"task {task!r}: {prompt.shape[0]} prompt rows but the template has "
-                             f"{template.total_virtual_tokens} virtual tokens")
+            raise PromptTableError(f"task {task!r}: method must be one of {METHODS}, got {method!r}")
         if template.taskname != task:
-            raise ValueError(f"task {task!r}: its template is named {template.taskname!r}")
+            raise PromptTableError(f"task {task!r}: its template is named {template.taskname!r}")
+        if method == DEEP:
+            if self.prefix_shape is None:
+                raise PromptTableError(f"task {task!r}: this table does not record the base model's layers, "
+                                       f"so it cannot hold a deep prompt")
+            layers, width = self.prefix_shape
+            if prompt.dim() != 4 or prompt.shape[:2] != (layers, 2) or prompt.shape[3] != width or prompt.shape[2] < 1:
+                raise PromptTableError(f"task {task!r}: deep prompt shape {tuple(prompt.shape)} must be "
+                                       f"({layers}, 2, P, {width}) for this base model")
+            if template.total_virtual_tokens:
+                raise PromptTableError(f"task {task!r}: a deep prompt's template must have no virtual-token "
+                                       f"markers (its prefix lives in the attention cache)")
+            return prompt.detach().float().clone()
+        if prompt.dim() != 2 or prompt.shape[1] != self.hidden_size:
+            raise PromptTableError(f"task {task!r}: prompt shape {tuple(prompt.shape)} must be (V, {self.hidden_size})")
+        if prompt.shape[0] != template.total_virtual_tokens:
+            raise PromptTableError(f"task {task!r}: {prompt.shape[0]} prompt rows but the template has "
+                                   f"{template.total_virtual_tokens} virtual tokens")
         return prompt.detach().float().clone()
 
     def add(self, task: str, prompt: torch.Tensor, template: TaskTemplate, method: str) -> None:
         """Add a new task; an existing one is an error (use `replace`)."""
         if task in self._entries:
-            raise KeyError(f"task {task!r} is already in the prompt table; use replace() to overwrite it")
+            raise PromptTableError(f"task {task!r} is already in the prompt table; use replace() to overwrite it")
         self._entries[task] = TableEntry(self._check(task, prompt, template, method), template, method)
 
     def replace(self, task: str, prompt: torch.Tensor, template: TaskTemplate, method: str) -> None:
@@ -112,11 +139,12 @@ class PromptTable:
         """Atomically write the whole table (safetensors, no pickle)."""
         meta = {"format": FORMAT, "library_version": __version__, "base_model": self.base_model,
                 "hidden_size": self.hidden_size, "fingerprint": self.fingerprint,
+                "prefix_shape": list(self.prefix_shape) if self.prefix_shape else None,
                 "tasks": {t: {"method": e.method, "num_virtual_tokens": e.num_virtual_tokens,
                               "template": e.template.to_dict(), "sha256": tensor_sha256(e.prompt)}
                           for t, e in self._entries.items()}}
         tensors = {t: e.prompt for t, e in self._entries.items()}
-        save_signed(path, tensors, "promptlab", meta)
+        save_checksummed(path, tensors, "promptlab", meta)
 
     @classmethod
     def load(cls, path: str | Path, base=None, check_base: bool = True) -> "PromptTable":
@@ -124,21 +152,27 @@ class PromptTable:
 
         Every problem raises `PromptTableError` naming the file and what is wrong; nothing is changed.
         """
-        tensors, meta = load_signed(path, "promptlab", PromptTableError, "prompt table file")
+        tensors, meta = load_checksummed(path, "promptlab", PromptTableError, "prompt table file")
         _check_meta(path, meta)
         if base is not None and check_base:
             if meta["hidden_size"] != base.hidden_size:
                 raise PromptTableError(f"{path}: made for hidden size {meta['hidden_size']} "
                                        f"({meta['base_model']}), but the base model {base.name!r} has {base.hidden_size}")
-            if meta["fingerprint"] != base.fingerprint:
+            if not base.matches(meta["fingerprint"]):
                 raise PromptTableError(f"{path}: made for base model {meta['base_model']!r} whose embedding "
                                        f"fingerprint differs from the loaded {base.name!r}: prompts only work "
-                                       f"with the model they were trained on")
+                                       f"with the model they were trained on"
+                                       + ("; a table written by promptlab 0.1 is checked against the float32 "
+                                          "weights: load the base with dtype='fp32' to read it"
+                                          if meta.get("format") == READABLE_FORMATS[0] else ""))
+            if meta.get("prefix_shape") and tuple(meta["prefix_shape"]) != base.prefix_shape:
+                raise PromptTableError(f"{path}: made for a base with (layers, key/value width) "
+                                       f"{tuple(meta['prefix_shape'])}, but {base.name!r} has {base.prefix_shape}")
         tasks = meta["tasks"]
         if set(tensors) != set(tasks):
             extra, missing = sorted(set(tensors) - set(tasks)), sorted(set(tasks) - set(tensors))
             raise PromptTableError(f"{path}: tensors and metadata disagree (unknown keys {extra}, missing {missing})")
-        table = cls(meta["base_model"], meta["hidden_size"], meta["fingerprint"])
+        table = cls(meta["base_model"], meta["hidden_size"], meta["fingerprint"], meta.get("prefix_shape"))
         for task, info in tasks.items():
             t = tensors[task]
             try:
@@ -149,16 +183,22 @@ class PromptTable:
                     raise ValueError("its bytes do not match the recorded sha256 (corrupted)")
                 table._entries[task] = TableEntry(table._check(task, t, template, info["method"]), template,
                                                   info["method"])
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError) as exc:  # PromptTableError is a ValueError
                 raise PromptTableError(f"{path}: task {task!r} is invalid: {exc}") from exc
         if base is not None:
+            if check_base:  # checked against this base: bound to it (an older file gets today's fingerprint)
+                table.fingerprint, table.prefix_shape = base.fingerprint, base.prefix_shape
             table.to(base.device)
         return table
 
 
 def _check_meta(path, meta: dict) -> None:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PromptTableError(f"{path}: not a prompt table of format {FORMAT}")
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        raise PromptTableError(f"{path}: not a prompt table of format {' or '.join(READABLE_FORMATS)}")
+    shape = meta.get("prefix_shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+                                  and all(isinstance(x, int) and x > 0 for x in shape)):
+        raise PromptTableError(f"{path}: metadata field 'prefix_shape' must be [layers, width], got {shape!r}")
     for key, kind in (("base_model", str), ("hidden_size", int), ("fingerprint", str), ("tasks", dict)):
         if not isinstance(meta.get(key), kind):
             raise PromptTableError(f"{path}: metadata field {key!r} is missing or not a {kind.__name__}")

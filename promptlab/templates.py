@@ -7,7 +7,7 @@ The answer field is the last slot; everything before it is the prompt used for g
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,30 @@ import yaml
 from .errors import ConfigError, TemplateError
 
 MARKER_RE = re.compile(r"<\|VIRTUAL_PROMPT_(\d+)\|>")
+METRICS = ("classification", "squad", "intent_and_slot", "exact_match", "rouge_l")
+# The options each training method takes in a run YAML or a task's recipe (besides method and task/tasks).
+METHOD_OPTIONS = {
+    "prompt_tuning": {"init", "init_text", "num_virtual_tokens"},
+    "p_tuning": {"encoder", "hidden_size", "num_layers", "dropout", "residual", "init", "init_text"},
+    "deep_prompt_tuning": {"num_virtual_tokens", "reparameterize", "hidden_size", "init", "init_text"},
+}
+
+
+def check_recipe(recipe: Any, error) -> dict[str, Any]:
+    """A task's recipe, checked: a known method, that method's options, and ``training`` as a mapping
+    (its keys are checked against TrainConfig when it is used). ``error(message)`` makes the exception."""
+    if not isinstance(recipe, dict):
+        raise error(f"recipe must be a mapping with a 'method', got {recipe!r}")
+    method = recipe.get("method")
+    if method not in METHOD_OPTIONS:
+        raise error(f"recipe method must be one of {sorted(METHOD_OPTIONS)}, got {method!r}")
+    unknown = sorted(set(recipe) - METHOD_OPTIONS[method] - {"method", "training"})
+    if unknown:
+        raise error(f"unknown recipe key(s) {unknown} for {method}; known: "
+                    f"{sorted(METHOD_OPTIONS[method] | {'method', 'training'})}")
+    if not isinstance(recipe.get("training", {}), dict):
+        raise error(f"recipe training must be a mapping of TrainConfig settings, got {recipe['training']!r}")
+    return dict(recipe)
 FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -44,6 +68,21 @@ class TaskTemplate:
         answer_field: the field the model learns to produce; must be the last slot. None: the whole text is
             trained on (language modelling) and generation continues after the full template.
         answer_only_loss: compute the loss on the answer tokens only (otherwise on every real token).
+
+    What the task is scored by and how it is run (everything task-specific lives here, nowhere else):
+        metric: "classification" (accuracy and macro-F1 over ``labels``), "squad" (EM/F1 against every
+            reference in a record's ``answers``, else its answer field), "intent_and_slot" (intent
+            accuracy and slot F1 of "Intent: ...\nSlots: ..." answers), "exact_match", or "rouge_l".
+        labels: the label set of a classification task: scored with macro-F1, and ranked by likelihood
+            (`evaluate` then reports ``ranked_accuracy``). Only classification has labels: an
+            intent-and-slot answer holds slots too, so no closed set of answers can be ranked.
+        max_new_tokens: new tokens generated for an answer.
+        stop: strings that end an answer (cut from it); [] for none.
+        init_text: the text prompt vectors start from (text init), when the call gives none.
+        instruction: the instruction that zero-shot and few-shot baselines put before the template.
+        recipe: how to train the task: ``method`` (prompt_tuning, p_tuning, deep_prompt_tuning), that
+            method's options (as in a run YAML), and ``training``, TrainConfig settings. See
+            `PromptLearningModel.add_task` and `TrainConfig.from_recipe`.
     """
 
     taskname: str
@@ -53,6 +92,13 @@ class TaskTemplate:
     truncate_field: str | None = None
     answer_field: str | None = None
     answer_only_loss: bool = True
+    metric: str = "exact_match"
+    labels: list[str] | None = None
+    max_new_tokens: int = 30
+    stop: list[str] = field(default_factory=lambda: ["\n\n"])
+    init_text: str | None = None
+    instruction: str | None = None
+    recipe: dict[str, Any] | None = None
     segments: list[Segment] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,8 +106,14 @@ class TaskTemplate:
             raise TemplateError(f"taskname must be a non-empty string, got {self.taskname!r}")
         if not isinstance(self.prompt_template, str):
             raise self._error(f"prompt_template must be a string, got {type(self.prompt_template).__name__}")
-        if not isinstance(self.total_virtual_tokens, int) or self.total_virtual_tokens < 0:
+        if (isinstance(self.total_virtual_tokens, bool) or not isinstance(self.total_virtual_tokens, int)
+                or self.total_virtual_tokens < 0):
             raise self._error(f"total_virtual_tokens must be an integer >= 0, got {self.total_virtual_tokens!r}")
+        for name in ("truncate_field", "answer_field"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise self._error(f"{name} must be a field name or null, got {getattr(self, name)!r}")
+        if not isinstance(self.answer_only_loss, bool):
+            raise self._error(f"answer_only_loss must be true or false, got {self.answer_only_loss!r}")
         if self.virtual_token_splits is None:
             self.virtual_token_splits = [self.total_virtual_tokens] if self.total_virtual_tokens else []
         if not isinstance(self.virtual_token_splits, (list, tuple)):
@@ -69,6 +121,7 @@ class TaskTemplate:
         self.virtual_token_splits = list(self.virtual_token_splits)
         self.segments = self._parse()
         self._validate()
+        self._validate_task_settings()
 
     # ----------------------------------------------------------------------------------------- parsing
     def _error(self, message: str) -> TemplateError:
@@ -116,7 +169,7 @@ class TaskTemplate:
 
     def _validate(self) -> None:
         splits = self.virtual_token_splits
-        if any(not isinstance(s, int) or s < 1 for s in splits):
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in splits):
             raise self._error(f"virtual_token_splits must be positive integers, got {splits}")
         if sum(splits) != self.total_virtual_tokens:
             raise self._error(
@@ -154,6 +207,36 @@ class TaskTemplate:
         if not fields and not self.total_virtual_tokens:
             raise self._error("the template has neither fields nor virtual tokens")
 
+    def _validate_task_settings(self) -> None:
+        if self.metric not in METRICS:
+            raise self._error(f"unknown metric {self.metric!r}; choose one of {list(METRICS)}")
+        if self.labels is not None:
+            if (not isinstance(self.labels, (list, tuple)) or not self.labels
+                    or not all(isinstance(x, str) and x.strip() for x in self.labels)
+                    or len(set(self.labels)) != len(self.labels)):
+                raise self._error(f"labels must be a list of distinct non-empty strings, got {self.labels!r}")
+            self.labels = list(self.labels)
+            if self.metric != "classification":
+                raise self._error(f"labels are the classes of metric 'classification'; metric {self.metric!r} "
+                                  f"takes none (remove labels or set metric: classification)")
+        if self.metric == "classification" and not self.labels:
+            raise self._error("metric 'classification' needs its labels, e.g. labels: [negative, neutral, positive]")
+        if self.metric != "exact_match" and self.answer_field is None:
+            raise self._error(f"metric {self.metric!r} scores an answer: set answer_field")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise self._error(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.stop is None:
+            self.stop = []
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) and x for x in self.stop):
+            raise self._error(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        for name in ("init_text", "instruction"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise self._error(f"{name} must be a non-empty string or null, got {value!r}")
+        if self.recipe is not None:
+            self.recipe = check_recipe(self.recipe, self._error)
+
     def _answer_index(self) -> int:
         return next(i for i, s in enumerate(self.segments) if s.kind == "field" and s.value == self.answer_field)
 
@@ -185,6 +268,24 @@ class TaskTemplate:
                 out.append("".join(f"[V{seg.start + i}]" for i in range(seg.length)))
         return "".join(out)
 
+    def without_virtual_tokens(self) -> "TaskTemplate":
+        """The same task with its ``<|VIRTUAL_PROMPT_n|>`` markers removed (each with one adjacent space,
+        the one after it when there is one): the input a deep prompt's task reads, its prefix being in the
+        attention cache instead. ``"<|VIRTUAL_PROMPT_0|> {sentence} sentiment: {label}"`` becomes
+        ``"{sentence} sentiment: {label}"``."""
+        if not self.total_virtual_tokens:
+            return self
+        text = self.prompt_template
+        while (marker := MARKER_RE.search(text)) is not None:
+            start, end = marker.span()
+            if text[end : end + 1] == " ":
+                end += 1
+            elif text[start - 1 : start] == " ":
+                start -= 1
+            text = text[:start] + text[end:]
+        data = {**self.to_dict(), "prompt_template": text, "total_virtual_tokens": 0, "virtual_token_splits": None}
+        return TaskTemplate(**data)
+
     def to_dict(self) -> dict[str, Any]:
         """The template's settings as plain data (YAML/JSON)."""
         data = asdict(self)
@@ -199,8 +300,7 @@ class TaskTemplate:
         data = dict(data)
         if taskname is not None:
             data.setdefault("taskname", taskname)
-        known = {"taskname", "prompt_template", "total_virtual_tokens", "virtual_token_splits",
-                 "truncate_field", "answer_field", "answer_only_loss"}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         name = data.get("taskname", taskname)
         if unknown:

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .data.features import IGNORE_INDEX, collate, encode_records, iter_batches, length_grouped_batches
-from .errors import CheckpointError, ConfigError, DataError
-from .evaluate import evaluate, limit_per_task
+from .data.sources import as_records
+from .errors import ConfigError, DataError, TrainingError
+from .templates import TaskTemplate
+from .evaluate import evaluate, sample_per_task
 from .metrics import primary_score
+from .precision import Precision
 
 
 @dataclass
@@ -34,14 +37,19 @@ class TrainConfig:
         lr: learning rate of the vectors that live in embedding space: prompt-tuning prompts and the
             inputs of p-tuning encoders (with the residual encoder these are the prompt it starts from).
         p_tuning_lr: learning rate of the p-tuning encoders' network weights (LSTM / MLP).
+        deep_prompt_lr: learning rate of deep prompts (their prefixes, or their MLP and its inputs).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps; None: 10% of max_steps.
         min_lr_ratio: the cosine schedule decays to lr * min_lr_ratio.
         max_grad_norm: gradient clipping (0 or None: off).
         max_seq_length: longer examples are truncated (truncate_field) or skipped.
-        mixed_precision: "auto" (bf16 on GPUs that support it, fp16 on other GPUs, none on CPU), "no", "bf16", "fp16".
+        mixed_precision: "auto" follows the dtype the base is held in (`promptlab.precision` chose it when
+            the model loaded): bf16 computes in bf16, fp16 in fp16 with loss scaling, fp32 in fp32. "bf16"
+            or "fp16" on a float32 base add autocast; a value that contradicts a low-precision base is an
+            error (load the base with the dtype you want). "no" computes in the base's own dtype.
         eval_every: validate every N steps (0: only at the end).
-        eval_max_records: validation records scored per task with generation (loss uses all).
+        eval_max_records: validation records scored per task with generation (loss uses all): a sample
+            across the whole split, drawn with ``seed``, never the first records.
         eval_batch_size: batch size of validation.
         early_stopping_patience: stop after this many validations without improvement (None: never).
         keep_best: at the end, restore the prompts of the best validation.
@@ -57,6 +65,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-2
     p_tuning_lr: float = 1e-4
+    deep_prompt_lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.1
@@ -80,13 +89,13 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"TrainConfig.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        for name in ("lr", "p_tuning_lr", "weight_decay", "min_lr_ratio", "max_grad_norm"):
+        for name in ("lr", "p_tuning_lr", "deep_prompt_lr", "weight_decay", "min_lr_ratio", "max_grad_norm"):
             value = getattr(self, name)
             if not (value is None and name == "max_grad_norm") and (
                     isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)):
                 raise ConfigError(f"TrainConfig.{name} must be a number, got {value!r} ({type(value).__name__}); "
                                   f"note YAML reads 1e-3 as text: write 1.0e-3")
-        if self.lr <= 0 or self.p_tuning_lr <= 0:
+        if self.lr <= 0 or self.p_tuning_lr <= 0 or self.deep_prompt_lr <= 0:
             raise ConfigError("TrainConfig learning rates must be positive")
         if self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"TrainConfig needs weight_decay >= 0 and 0 <= min_lr_ratio <= 1, got "
@@ -107,6 +116,24 @@ class TrainConfig:
             raise ConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
+    @classmethod
+    def from_recipe(cls, templates: TaskTemplate | Sequence[TaskTemplate], **overrides) -> "TrainConfig":
+        """The training settings of the tasks' recipes (``recipe.training`` in tasks.yaml), then
+        ``overrides``. Tasks trained together must not disagree on a setting (a ConfigError names it)."""
+        templates = [templates] if hasattr(templates, "taskname") else list(templates)
+        merged: dict[str, Any] = {}
+        for t in templates:
+            for key, value in ((t.recipe or {}).get("training") or {}).items():
+                if key in merged and merged[key] != value and key not in overrides:
+                    raise ConfigError(f"the recipes of the tasks disagree on {key}: {merged[key]!r} and "
+                                      f"{value!r} (task {t.taskname!r}); pass {key}=... to choose")
+                merged[key] = value
+        try:
+            return cls.from_dict({**merged, **overrides})
+        except ConfigError as exc:
+            names = ", ".join(t.taskname for t in templates)
+            raise ConfigError(f"recipe of task(s) {names}: {exc}") from None
+
     def resume_key(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to continue this run exactly."""
         ignore = {"output_dir", "progress", "checkpoint_every", "eval_batch_size"}
@@ -121,20 +148,9 @@ def lr_multiplier(step: int, max_steps: int, warmup_steps: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@dataclass
-class TrainState:
-    """Where a run is: the next step, its history, and the best validation so far."""
-
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    best_score: float | None = None
-    best_step: int | None = None
-    best_params: dict[str, torch.Tensor] | None = None
-    evals_without_improvement: int = 0
-
-
 class Trainer:
-    """Train a `PromptLearningModel`'s prompts on records (dicts with ``taskname`` and template fields)."""
+    """Train a `PromptLearningModel`'s prompts on records (dicts with ``taskname`` and template fields, or a
+    `datasets.Dataset` of them)."""
 
     def __init__(self, model, train_records: Sequence[Mapping[str, Any]],
                  val_records: Sequence[Mapping[str, Any]] | None = None, config: TrainConfig | None = None):
@@ -142,10 +158,12 @@ class Trainer:
 
         self.model = model
         self.config = config or TrainConfig()
-        self.val_records = list(val_records or [])
+        train_records = as_records(train_records, "train")  # a datasets.Dataset works too
+        self.val_records = as_records(val_records or [], "validation")
         model.max_seq_length = self.config.max_seq_length
         if not model.training_tasks():
-            raise ConfigError("the model has no task to train: call add_prompt_tuning or add_p_tuning first")
+            raise ConfigError("the model has no task to train: call add_prompt_tuning, add_p_tuning or "
+                              "add_deep_prompt_tuning first")
         if not train_records:
             raise DataError("the training set is empty")
         unknown = sorted({r.get("taskname") for r in train_records} - set(model.training_tasks()))
@@ -156,26 +174,33 @@ class Trainer:
                                                          self.config.max_seq_length, source="train")
         if not self.examples:
             raise DataError(f"no training example fits max_seq_length={self.config.max_seq_length}")
-        self.accelerator = Accelerator(mixed_precision=self._precision(), cpu=model.base.device.type == "cpu")
+        self.precision, autocast = self._precision()
+        self.accelerator = Accelerator(mixed_precision=autocast, cpu=model.base.device.type == "cpu")
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=self.config.weight_decay)
         # fp16 needs loss scaling; the scaler is ours (not Accelerate's) since the optimizer is a plain one
-        self.scaler = torch.amp.GradScaler("cuda") if self._precision() == "fp16" else None
+        self.scaler = torch.amp.GradScaler(model.base.device.type) if self.precision == "fp16" else None
         self.state = TrainState()
 
-    def _precision(self) -> str:
+    def _precision(self) -> tuple[str, str]:
+        """(the precision the base computes in, the autocast Accelerate adds: "no", "bf16" or "fp16")."""
+        held = Precision.of(self.model.base.dtype).name
         choice = self.config.mixed_precision
-        if choice != "auto":
-            return choice
-        if self.model.base.device.type != "cuda":
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if choice in ("auto", "no") or choice == held:
+            return held, "no"
+        if held == "fp32":
+            return choice, choice
+        raise ConfigError(f"TrainConfig.mixed_precision={choice!r}, but the base model is held in {held}: "
+                          f"load it with load_base_model(..., dtype={choice!r}) or use mixed_precision='auto'")
 
     def _param_groups(self) -> list[dict]:
-        inputs = [p for enc in self.model.encoders.values() for p in enc.inputs.values()]
-        prompt = [*self.model.prompt_embeddings.parameters(), *inputs]
-        encoder = [p for p in self.model.encoders.parameters() if all(p is not q for q in inputs)]
-        groups = [{"params": prompt, "lr": self.config.lr, "base_lr": self.config.lr},
-                  {"params": encoder, "lr": self.config.p_tuning_lr, "base_lr": self.config.p_tuning_lr}]
+        cfg, model = self.config, self.model
+        inputs = [p for enc in model.encoders.values() for p in enc.inputs.values()]
+        prompt = [*model.prompt_embeddings.parameters(), *inputs]
+        encoder = [p for p in model.encoders.parameters() if all(p is not q for q in inputs)]
+        groups = [{"params": prompt, "lr": cfg.lr, "base_lr": cfg.lr},
+                  {"params": encoder, "lr": cfg.p_tuning_lr, "base_lr": cfg.p_tuning_lr},
+                  {"params": list(model.deep_prompts.parameters()), "lr": cfg.deep_prompt_lr,
+                   "base_lr": cfg.deep_prompt_lr}]
         return [g for g in groups if g["params"]]
 
     # ------------------------------------------------------------------------------------------ data
@@ -202,10 +227,15 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        if resume:
+        if resume and self._has_checkpoint():
             self._resume()
         else:
+            if resume:
+                self._say(f"{self.checkpoint_path}: no checkpoint yet, starting a fresh run")
             torch.manual_seed(cfg.seed)
+        self._say(f"training {', '.join(f'{t} ({self.model.method_of(t)})' for t in self.model.training_tasks())} "
+                  f"on {self.model.base.device.type} in {self.precision}"
+                  + (" with loss scaling" if self.scaler else "") + "; prompts and optimizer state in fp32")
         self._broadcast_parameters()
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training",
@@ -252,6 +282,12 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
         self._sync_gradients(params, loss_sum)
+        if not bool(torch.isfinite(loss_sum)):
+            hint = ("fp16 overflowed: train in fp32 or bf16 (load_base_model(..., dtype='fp32'), or 'bf16' on "
+                    "hardware that has it)" if self.precision == "fp16" else
+                    "lower the learning rates or check the data")
+            raise TrainingError(f"step {step + 1}: the loss is {loss_sum.item()}; stopping rather than training "
+                                f"on NaN. {hint}")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
@@ -321,18 +357,20 @@ class Trainer:
             return False
         model, cfg = self.model, self.config
         model.eval()
+        start = time.perf_counter()
         entry: dict[str, Any] = {"step": self.state.step, "val_loss": self.validation_loss()}
         subset = self._metric_subset()
         scores = []
         if subset:
-            for task, metrics in evaluate(model, subset, batch_size=cfg.eval_batch_size, rank_sentiment=False).items():
+            for task, metrics in evaluate(model, subset, batch_size=cfg.eval_batch_size, rank=False).items():
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "n":
                         entry[f"val/{task}/{k}"] = v
-                scores.append(primary_score(task, metrics))
+                scores.append(primary_score(model.tasks[task], metrics))
         # the mean primary metric decides what is best; without metrics, the lower loss
         score = sum(scores) / len(scores) if scores else -entry["val_loss"]
         entry["val/score"] = score
+        entry["seconds"] = time.perf_counter() - start  # validation's wall time, for time-to-target curves
         self.state.history.append(entry)
         model.train()
         if self.state.best_score is None or score > self.state.best_score:
@@ -344,10 +382,10 @@ class Trainer:
         return cfg.early_stopping_patience is not None and self.state.evals_without_improvement >= cfg.early_stopping_patience
 
     def _metric_subset(self) -> list[Mapping[str, Any]]:
-        """The first ``eval_max_records`` validation records of each task being trained."""
+        """``eval_max_records`` validation records of each task being trained, sampled with the seed."""
         training = set(self.model.training_tasks())
-        return limit_per_task([r for r in self.val_records if r.get("taskname") in training],
-                              self.config.eval_max_records)
+        return sample_per_task([r for r in self.val_records if r.get("taskname") in training],
+                               self.config.eval_max_records, seed=self.config.seed)
 
     # ----------------------------------------------------------------------------------- checkpoints
     @property
@@ -357,14 +395,20 @@ class Trainer:
         return Path(self.config.output_dir) / "checkpoint.safetensors"
 
     def save_checkpoint(self) -> None:
-        """Atomically write prompts, encoders, optimizer, RNG, step, best prompts and history (main process)."""
+        """Atomically write prompts, optimizer, loss scale, RNG, step, best prompts and history (main process)."""
         if self.accelerator.is_main_process:
-            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.state, self.config.resume_key())
+            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.state, self.config.resume_key(),
+                            self.scaler)
         self.accelerator.wait_for_everyone()
 
+    def _has_checkpoint(self) -> bool:
+        return self.checkpoint_path.exists()
+
     def _resume(self) -> None:
-        path = self.checkpoint_path
-        if not path.exists():
-            raise CheckpointError(f"{path}: no checkpoint to resume from")
-        self.state = load_checkpoint(path, self.model, self.optimizer, self.config.resume_key())
+        self.state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.config.resume_key(),
+                                     self.scaler)
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"promptlab: {message}")
 

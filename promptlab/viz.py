@@ -384,6 +384,40 @@ def plot_prompt_norms(prompts: Mapping[str, torch.Tensor], vocab_embeddings: tor
     return fig
 
 
+def prefix_norms(prefix: torch.Tensor) -> torch.Tensor:
+    """Mean L2 norm of a deep prompt's keys and values per layer: (L, 2, P, KV) -> (L, 2)."""
+    prefix = _as_float_tensor(prefix)
+    if prefix.dim() != 4 or prefix.shape[1] != 2:
+        raise ValueError(f"a deep prompt is (layers, 2, P, width), got {tuple(prefix.shape)}")
+    return prefix.norm(dim=-1).mean(dim=-1)
+
+
+def plot_prefix_norms(prefixes: Mapping[str, torch.Tensor],
+                      reference: Mapping[str, torch.Tensor] | None = None) -> Figure:
+    """Per layer, the mean norm of each deep prompt's keys (left) and values (right).
+
+    prefixes: {taskname: (L, 2, P, KV)}, e.g. ``{t: model.prefix(t)}``; reference: the same shape for
+    comparison, drawn dashed (the model's own cache of its init text shows the scale it is used to).
+    Layers where a prompt stands far above the reference are where it pushes the model hardest.
+    """
+    norms = {name: prefix_norms(p) for name, p in prefixes.items()}
+    refs = {name: prefix_norms(p) for name, p in (reference or {}).items()}
+    colors = _task_colors(list(norms) + [n for n in refs if n not in norms])
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for side, ax in enumerate(axes):
+        for name, values in norms.items():
+            ax.plot(range(len(values)), values[:, side].numpy(), "o-", color=colors[name], label=name)
+        for name, values in refs.items():
+            ax.plot(range(len(values)), values[:, side].numpy(), "--", color=colors[name], label=f"{name} (reference)")
+        ax.set_xlabel("layer")
+        ax.set_title(("keys", "values")[side])
+    axes[0].set_ylabel("mean L2 norm per position")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Deep prompts: prefix norms per layer")
+    return fig
+
+
 # --------------------------------------------------------------------------------------------------
 # metrics
 
@@ -447,133 +481,3 @@ def plot_confusion_matrix(matrix, labels: Sequence[str], title: str = "Confusion
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="examples", shrink=0.8)
     return fig
-
-
-# --------------------------------------------------------------------------------------------------
-# playground
-
-LONG_FIELDS = ("context",)  # input fields edited in a multi-line box
-
-
-def playground_tasks(model) -> list[str]:
-    """Tasks the model can answer: those with a prompt (training or frozen), or with no virtual token."""
-    ready = set(model.training_tasks()) | set(model.prompt_table.tasks())
-    return [name for name, t in model.tasks.items() if name in ready or t.total_virtual_tokens == 0]
-
-
-def playground_answer(model, task: str, fields: Mapping[str, str], max_new_tokens: int | None = None) -> dict:
-    """Generate one answer for ``task`` from its input ``fields`` and describe the virtual tokens used.
-
-    fields: {input field: text}, exactly the template's input fields (the answer field is generated).
-    Decoding is the one `promptlab.evaluate.predict` uses (greedy, the task's token budget, stripped).
-    Returns {"task", "record", "answer", "rendered" (the prompt text with [V0]..[Vn-1] where the learned
-    vectors go), "method", "virtual_tokens", "splits", "max_new_tokens"}.
-    """
-    from .evaluate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, predict
-
-    if task not in playground_tasks(model):
-        raise ValueError(f"task {task!r} has no prompt in this model; choose one of {playground_tasks(model)}")
-    template = model.tasks[task]
-    unknown = sorted(set(fields) - set(template.input_fields))
-    missing = [f for f in template.input_fields if f not in fields]
-    if unknown or missing:
-        raise ValueError(f"task {task!r} takes the input fields {template.input_fields}; "
-                         f"unknown {unknown}, missing {missing}")
-    record = {"taskname": task, **{f: str(fields[f]) for f in template.input_fields}}
-    budget = max_new_tokens or MAX_NEW_TOKENS.get(task, DEFAULT_MAX_NEW_TOKENS)
-    answer = predict(model, [record], budget, batch_size=1)[0]
-    return {"task": task, "record": record, "answer": answer,
-            "rendered": template.render(record, with_answer=False),
-            "method": model.method_of(task) if template.total_virtual_tokens else "none",
-            "virtual_tokens": template.total_virtual_tokens,
-            "splits": list(template.virtual_token_splits), "max_new_tokens": budget}
-
-
-def _playground_html(result: dict, reference: str | None) -> str:
-    """The widget's result panel: answer, reference, and the prompt with its virtual tokens highlighted."""
-    import html
-    import re
-
-    shown = re.sub(r"((?:\[V\d+\])+)", r'<span style="background:#ffe08a">\1</span>',
-                   html.escape(result["rendered"]))
-    lines = [f"<b>answer:</b> <code>{html.escape(result['answer']) or '(empty)'}</code>"]
-    if reference is not None:
-        lines.append(f"<b>reference:</b> <code>{html.escape(reference)}</code>")
-    lines.append(f"<b>virtual tokens:</b> {result['virtual_tokens']} ({result['method']}, "
-                 f"splits {result['splits']}); highlighted below where the model reads them")
-    lines.append(f'<pre style="white-space:pre-wrap">{shown}</pre>')
-    return "<br>".join(lines)
-
-
-def playground(model, records_by_task: Mapping[str, Sequence[Mapping]] | None = None):
-    """An ipywidgets app: choose a task, type its inputs, press Generate; see the answer and virtual tokens.
-
-    records_by_task: optional {task: records}; the inputs start with the task's first record, "Next
-    example" steps through them, and the reference answer is shown while the inputs are unchanged.
-    Returns a VBox whose children are: (task Dropdown + "Next example" Button), task info HTML, the
-    input fields (VBox of Text/Textarea named like the template fields), the Generate Button, result HTML.
-    `playground_answer` does the work.
-    """
-    import html
-
-    import ipywidgets as widgets
-
-    names = playground_tasks(model)
-    if not names:
-        raise ValueError("the model has no task with a prompt: train one or load a prompt table first")
-    examples = {t: list((records_by_task or {}).get(t, [])) for t in names}
-    chooser = widgets.Dropdown(options=names, value=names[0], description="task")
-    next_button = widgets.Button(description="Next example", icon="forward")
-    info, result = widgets.HTML(), widgets.HTML()
-    inputs_box = widgets.VBox()
-    generate = widgets.Button(description="Generate", button_style="primary", icon="play")
-    state = {"example": {}, "position": {t: -1 for t in names}}
-
-    def inputs() -> dict[str, str]:
-        return {box.description: box.value for box in inputs_box.children}
-
-    def show_task(change=None) -> None:
-        task = chooser.value
-        template = model.tasks[task]
-        boxes = []
-        for name in template.input_fields:
-            long = name in LONG_FIELDS
-            cls = widgets.Textarea if long else widgets.Text
-            boxes.append(cls(description=name, layout=widgets.Layout(width="95%", height="9em" if long else None)))
-        inputs_box.children = boxes
-        state["example"] = {}
-        method = model.method_of(task) if template.total_virtual_tokens else "none"
-        info.value = (f"<code>{html.escape(template.prompt_template)}</code><br>{method}, "
-                      f"{template.total_virtual_tokens} virtual tokens, splits {template.virtual_token_splits}")
-        result.value = ""
-        next_button.disabled = not examples[task]
-        if examples[task]:
-            show_example()
-
-    def show_example(button=None) -> None:
-        task = chooser.value
-        state["position"][task] = (state["position"][task] + 1) % len(examples[task])
-        record = examples[task][state["position"][task]]
-        for box in inputs_box.children:
-            box.value = str(record.get(box.description, ""))
-        state["example"] = {"inputs": inputs(), "record": record}
-        result.value = ""
-
-    def run(button=None) -> None:
-        task = chooser.value
-        try:
-            answer = playground_answer(model, task, inputs())
-        except Exception as exc:  # shown in the widget: a callback's exception would vanish into the log
-            result.value = f'<span style="color:#b00">{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</span>'
-            return
-        reference = None
-        answer_field = model.tasks[task].answer_field
-        if state["example"].get("inputs") == inputs() and answer_field:
-            reference = state["example"]["record"].get(answer_field)
-        result.value = _playground_html(answer, None if reference is None else str(reference))
-
-    chooser.observe(show_task, names="value")
-    next_button.on_click(show_example)
-    generate.on_click(run)
-    show_task()
-    return widgets.VBox([widgets.HBox([chooser, next_button]), info, inputs_box, generate, result])

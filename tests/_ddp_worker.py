@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def build(spec: dict, init_seed: int, base=None):
-    """The model and Trainer that ``spec`` describes: prompt tuning of sentiment plus LSTM p-tuning of
-    intent_and_slot, on the tiny Llama-style base (CPU; ``base``: an already loaded one). ``init_seed``
+    """The model and Trainer that ``spec`` describes: prompt tuning of sentiment, LSTM p-tuning of
+    intent_and_slot and deep prompt tuning of squad (through its MLP), on the tiny Llama-style base (CPU; ``base``: an already loaded one). ``init_seed``
     seeds the encoder's random init."""
     import torch
 
@@ -29,6 +29,7 @@ def build(spec: dict, init_seed: int, base=None):
     model.add_prompt_tuning("sentiment", init_text="Classify the sentiment of this financial news")
     model.add_p_tuning(["intent_and_slot"], encoder="lstm", hidden_size=spec.get("encoder_hidden", 32),
                        num_layers=1, init_text="Predict the intent")
+    model.add_deep_prompt_tuning("squad", num_virtual_tokens=4, hidden_size=16, init_text="Answer")
     config = pl.TrainConfig.from_dict(spec["config"])
     return pl.Trainer(model, spec["records"], None, config)
 

@@ -4,9 +4,10 @@ Started once as ``python tests/_kill_worker.py``, it imports torch and promptlab
 model and the records (the ~4 s that dominate a fresh process), prints ``{"event": "ready"}``, then reads
 one JSON command per line from stdin. Each command forks a *child* that does the real work:
 
-* ``{"op": "train", "out": DIR, "resume": bool, "max_steps": N, "pause": PAUSE, "kill_after": S}``: build
-  the model from scratch (seeded), ``promptlab.Trainer(...).fit(resume=resume)`` with a checkpoint every
-  step into DIR, then write the final trainable parameters to ``DIR/final.safetensors``;
+* ``{"op": "train", "out": DIR, "resume": bool, "max_steps": N, "pause": PAUSE, "kill_at_call": C,
+  "count_calls": bool}``: build the model from scratch (seeded), ``promptlab.Trainer(...).fit(resume=resume)``
+  with a checkpoint every step into DIR, then write the final trainable parameters to
+  ``DIR/final.safetensors``;
 * ``{"op": "table", "path": FILE, "value": X, "pause": PAUSE}``: save a one-task `PromptTable` whose
   prompt is filled with X to FILE.
 
@@ -15,18 +16,21 @@ SIGKILL. ``{"at": "write", "nth": n, "stage": s, "frac": f}`` pauses inside the 
 ``promptlab.io.atomic_write_bytes`` of this child, at stage ``partial`` (after writing ``f`` of the bytes
 to the temporary file), ``before_replace`` (temporary file complete and synced, not yet renamed) or
 ``after_replace`` (renamed, directory not yet synced). ``{"at": "optimizer_step", "nth": n}`` pauses right
-after the n-th optimizer step, before its checkpoint. ``kill_after`` (seconds from the start of training)
-kills the child at a time instead, wherever it is. The hooks are monkeypatches made inside the child: the
-library itself is not changed.
+after the n-th optimizer step, before its checkpoint. ``kill_at_call: C`` pauses at the C-th function call
+(Python or C, counted by a ``sys.setprofile`` hook) of ``fit``, wherever training is then: in a forward
+pass, the optimizer, a checkpoint write. ``count_calls`` reports how many calls a whole ``fit`` made. The
+hooks are monkeypatches made inside the child: the library itself is not changed. Every kill happens at a
+point the child chose and announced, never after a delay, so where kills land does not depend on how busy
+the machine is.
 
 For every command the server answers one JSON line: ``{"status": "killed", "where": ...}``,
-``{"status": "ok"}`` or ``{"status": "error", "code": ...}`` (the child's traceback goes to stderr).
+``{"status": "ok"}`` (with ``"calls": N`` when counted) or ``{"status": "error", "code": ...}`` (the child's
+traceback goes to stderr).
 """
 from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import sys
 import time
@@ -155,14 +159,35 @@ class Pauser:
         plio.atomic_write_bytes = atomic_write_bytes
 
 
+class CallCounter:
+    """A ``sys.setprofile`` hook: counts function calls (Python and C) and pauses at call ``stop_at``."""
+
+    def __init__(self, pauser: Pauser, stop_at: int | None):
+        self.pauser, self.stop_at, self.calls = pauser, stop_at, 0
+
+    def __call__(self, frame, event, arg) -> None:
+        if event in ("call", "c_call"):
+            self.calls += 1
+            if self.calls == self.stop_at:
+                self.pauser.pause(f"call {self.calls}")
+
+
 def child_train(cmd: dict, base, tasks, records, fd: int) -> None:
     pauser = Pauser(fd, cmd.get("pause"))
     pauser.install()
     model = build_model(base, tasks)
     trainer = pl.Trainer(model, records, None, train_config(cmd["out"], cmd["max_steps"]))
     pauser.install(trainer)
-    pauser.notify("started")
-    trainer.fit(resume=cmd["resume"])
+    counter = CallCounter(pauser, cmd.get("kill_at_call"))
+    counting = cmd.get("count_calls") or cmd.get("kill_at_call") is not None
+    if counting:
+        sys.setprofile(counter)
+    try:
+        trainer.fit(resume=cmd["resume"])
+    finally:
+        sys.setprofile(None)
+    if counting:
+        pauser.notify(f"calls {counter.calls}")
     history = [{k: v for k, v in h.items() if k != "seconds"} for h in trainer.state.history]
     final = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
     plio.save_safetensors(Path(cmd["out"]) / "final.safetensors", final,
@@ -176,17 +201,19 @@ def child_table(cmd: dict, base, tasks, fd: int) -> None:
     template = tasks["sentiment"]
     table.add("sentiment", torch.full((template.total_virtual_tokens, base.hidden_size), float(cmd["value"])),
               template, "prompt_tuning")
-    pauser.notify("started")
     table.save(cmd["path"])
 
 
 # --------------------------------------------------------------------------------------------- server
 def serve() -> None:
+    # the answers go to the original stdout; anything promptlab prints (here or in a child) goes to stderr
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     base = pl.load_base_model("tiny", device="cpu")
     tasks = pl.default_tasks()
     records = load_records()
     _ = base.fingerprint  # computed once, inherited by every child
-    print(json.dumps({"event": "ready"}), flush=True)
+    print(json.dumps({"event": "ready"}), file=answers, flush=True)
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -207,32 +234,24 @@ def serve() -> None:
             sys.stderr.flush()
             os._exit(code)
         os.close(write_fd)
-        print(json.dumps(supervise(pid, read_fd, cmd.get("kill_after"))), flush=True)
+        print(json.dumps(supervise(pid, read_fd)), file=answers, flush=True)
 
 
-def supervise(pid: int, fd: int, kill_after: float | None) -> dict:
-    """Wait for the child; SIGKILL it when it pauses or ``kill_after`` seconds after it started training."""
-    buffer, deadline, where = b"", None, None
-    while True:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:  # the timer ran out while the child was still working
-            where = f"timer {kill_after:.3f}s"
-            break
+def supervise(pid: int, fd: int) -> dict:
+    """Wait for the child; SIGKILL it as soon as it says it paused (reaped at once, so its pid is gone)."""
+    buffer, where, calls = b"", None, None
+    while where is None:
         chunk = os.read(fd, 4096)
         if not chunk:  # the child closed the pipe: it exited by itself
             break
         buffer += chunk
         lines = buffer.split(b"\n")
         buffer = lines.pop()
-        done = False
         for message in (m.decode() for m in lines):
-            if message == "started" and kill_after is not None:
-                deadline = time.monotonic() + kill_after
-            elif message.startswith("pause "):
-                where, done = message[len("pause "):], True
-        if done:
-            break
+            if message.startswith("pause "):
+                where = message[len("pause "):]
+            elif message.startswith("calls "):
+                calls = int(message[len("calls "):])
     if where is not None:
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
@@ -240,7 +259,9 @@ def supervise(pid: int, fd: int, kill_after: float | None) -> dict:
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
         return {"status": "killed", "where": where or "?"}
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-    return {"status": "ok"} if code == 0 else {"status": "error", "code": code}
+    if code != 0:
+        return {"status": "error", "code": code}
+    return {"status": "ok"} if calls is None else {"status": "ok", "calls": calls}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The exact-equality tests (mixed batch == alone, resume == uninterrupted, goldens) hold in fp32; the
+# precision policy would pick bf16 on CPUs that have it. tests/test_precision.py tests the policy itself.
+os.environ.setdefault("PROMPTLAB_PRECISION", "fp32")
 # The tiny test models are too small to gain from two threads; one thread keeps the suite steady on a busy machine.
 torch.set_num_threads(1)
 

@@ -58,6 +58,7 @@ def test_train_generate_evaluate_table(tmp_path, prepared, capsys):
     predictions = read_jsonl(out)
     assert [p["taskname"] for p in predictions] == [r["taskname"] for r in records]
     assert all(isinstance(p["prediction"], str) for p in predictions)
+    assert all(p["prediction"] == p["prediction"].strip() for p in predictions)  # as evaluate scores it
 
     metrics = tmp_path / "metrics.json"
     assert main(["evaluate", "--prompts", str(table), "--model", "tiny", "--data", str(inp),
@@ -100,8 +101,13 @@ def test_evaluate_baselines(tmp_path, prepared, capsys):
 @pytest.mark.parametrize("overrides, message", [
     ({"bogus": 1}, "unknown key(s) ['bogus']"),
     ({"methods": [{"method": "prompt_tuning", "task": "nope"}]}, "unknown task 'nope'"),
-    ({"methods": [{"method": "lora", "task": "sentiment"}]}, "must be prompt_tuning or p_tuning"),
+    ({"methods": [{"method": "lora", "task": "sentiment"}]}, "must be one of ['deep_prompt_tuning', 'p_tuning', 'prompt_tuning']"),
     ({"training": {"max_stepz": 3}}, "unknown training setting(s) ['max_stepz']"),
+    # mistakes inside a method's settings: promptlab's own errors naming the setting and the value
+    ({"methods": [{"method": "p_tuning", "tasks": ["intent_and_slot"], "encoder": "gru"}]}, "encoder: unknown EncoderType 'gru'"),
+    ({"methods": [{"method": "p_tuning", "tasks": ["intent_and_slot"], "hidden_size": "big"}]}, "hidden_size must be an integer >= 1, got 'big'"),
+    ({"methods": [{"method": "p_tuning", "tasks": ["intent_and_slot"], "dropout": 1.5}]}, "dropout must be a number in [0, 1), got 1.5"),
+    ({"methods": [{"method": "prompt_tuning", "task": "sentiment", "init": "zeros"}]}, "init: unknown PromptInit 'zeros'"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, prepared, capsys, overrides, message):
     assert main(["train", str(_config(tmp_path, prepared, **overrides))]) == 2
@@ -146,3 +152,89 @@ def test_demo_quick(tmp_path):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["source"] == "samples" and set(results["learned"]) == {"sentiment", "intent_and_slot"}
+
+
+# -- generate writes the answer as evaluate scores it ---------------------------------------------------------
+def test_generate_writes_answers_as_evaluate_scores_them(tmp_path, prepared, monkeypatch):
+    """A sentiment answer follows "sentiment:" and comes out as " negative"; an intent answer starts on a new
+    line. Both are written without that whitespace, exactly as `evaluate` records and scores them."""
+    from promptlab.model import PromptLearningModel
+
+    assert main(["train", str(_config(tmp_path, prepared))]) == 0
+    table = tmp_path / "run" / "prompts.safetensors"
+    raw = {"sentiment": " negative", "intent_and_slot": "\nIntent: alarm_set\nSlots: None "}
+    monkeypatch.setattr(PromptLearningModel, "generate", lambda self, records, **kw: [raw[r["taskname"]] for r in records])
+    records = [{"taskname": "sentiment", "sentence": "Profit fell .", "label": "negative"},
+               {"taskname": "intent_and_slot", "utterance": "wake me up", "label": "Intent: alarm_set\nSlots: None"}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    assert main(["generate", "--prompts", str(table), "--model", "tiny", "--input", str(inp), "--output", str(out)]) == 0
+    assert main(["evaluate", "--prompts", str(table), "--model", "tiny", "--data", str(inp), "--output", str(metrics)]) == 0
+    written = {p["taskname"]: p["prediction"] for p in read_jsonl(out)}
+    assert written == {"sentiment": "negative", "intent_and_slot": "Intent: alarm_set\nSlots: None"}
+    scored = json.loads(metrics.read_text())
+    assert {t: r["predictions"] for t, r in scored.items()} == {t: [p] for t, p in written.items()}
+    assert scored["sentiment"]["accuracy"] == 1.0 and scored["intent_and_slot"]["intent_accuracy"] == 1.0
+
+
+# -- resume, errors ---------------------------------------------------------------------------------------------
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_fresh(tmp_path, prepared, capsys):
+    """Killed before its first checkpoint: only the output folder and a killed writer's temporary file are
+    there. ``--resume`` starts a fresh run, says so, and ends where an uninterrupted run ends."""
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    assert main(["train", str(_config(fresh_dir, prepared))]) == 0
+    expected = PromptTable.load(fresh_dir / "run" / "prompts.safetensors")
+
+    killed = tmp_path / "killed"
+    (killed / "run").mkdir(parents=True)
+    (killed / "run" / ".checkpoint.safetensors.somehost.999999.abcd.tmp").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    assert main(["train", str(_config(killed, prepared)), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "no checkpoint" in out and "fresh" in out, out
+    got = PromptTable.load(killed / "run" / "prompts.safetensors")
+    assert got.tasks() == expected.tasks() and all(torch.equal(got[t], expected[t]) for t in expected.tasks())
+
+
+def test_only_promptlab_errors_become_exit_code_2(tmp_path, monkeypatch, capsys):
+    """A user mistake (a PromptlabError) is one line on stderr and exit 2; any other exception is a bug
+    and keeps its traceback."""
+    import promptlab.pipeline
+
+    def broken(path):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(promptlab.pipeline, "load_run_config", broken)
+    with pytest.raises(KeyError, match="an internal bug"):
+        main(["train", str(tmp_path / "run.yaml")])
+    assert main(["table", "show", str(tmp_path / "missing.safetensors"), "x"]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, refused", [
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, True),  # --cpu --num_processes 2
+    ({"ACCELERATE_USE_CPU": "True"}, False),  # accelerate launch --cpu, one process asked for
+    ({"ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, False),
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "h", "PMI_SIZE": "2"}, False),  # mpirun (--mpirun_hostfile)
+    ({"MASTER_ADDR": "127.0.0.1"}, False),  # not launched by accelerate --cpu
+])
+def test_accelerate_cpu_launch_that_started_one_process_is_refused(tmp_path, prepared, monkeypatch, capsys, env, refused):
+    """`accelerate launch --cpu --num_processes 2` starts one process (accelerate needs mpirun for more):
+    the environment it leaves (MASTER_ADDR for peers, no WORLD_SIZE) is refused with the commands that work."""
+    for name in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE",
+                 "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    from promptlab.errors import ConfigError
+    from promptlab.pipeline import check_launch
+
+    if refused:
+        with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):
+            check_launch(env)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert main(["train", str(_config(tmp_path, prepared))]) == 2
+        assert "started only this one process" in capsys.readouterr().err
+    else:
+        check_launch(env)

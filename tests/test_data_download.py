@@ -286,18 +286,41 @@ def _phrasebank_members(tamper: str | None = None) -> dict[str, bytes]:
 
 @pytest.fixture
 def zip_home(monkeypatch, serve, tmp_path):
-    """Serve a zip as the PhraseBank's public home; returns a function that writes the zip."""
+    """Serve a zip as the PhraseBank's public home; returns a function that writes the zip and, unless
+    ``pin=False``, pins its sha256 as the expected one (as the real zip's is pinned)."""
     monkeypatch.delenv("PROMPTLAB_DATA_MIRROR", raising=False)
     site = tmp_path / "site"
     site.mkdir()
     server = serve(site)
     monkeypatch.setattr(download, "PHRASEBANK_ZIP_URL", server.url + "FinancialPhraseBank-v1.0.zip")
 
-    def publish(members: dict[str, bytes]) -> LocalServer:
-        _write_zip(site / "FinancialPhraseBank-v1.0.zip", members)
+    def publish(members: dict[str, bytes], pin: bool = True) -> LocalServer:
+        archive = _write_zip(site / "FinancialPhraseBank-v1.0.zip", members)
+        if pin:
+            monkeypatch.setattr(download, "PHRASEBANK_ZIP_SHA256", sha256_file(archive))
         return server
 
     return publish
+
+
+def test_the_real_phrasebank_zip_is_pinned():
+    # Hugging Face's financial_phrasebank dataset_infos.json: 681890 bytes with this sha256
+    assert download.PHRASEBANK_ZIP_SHA256 == "0e1a06c4900fdae46091d031068601e3773ba067c7cecb5b0da1dcba5ce989a6"
+
+
+def test_phrasebank_zip_with_another_sha256_is_never_opened(zip_home, tmp_path, monkeypatch):
+    """A zip whose bytes differ from the pinned sha256 is deleted before anything is extracted, even when
+    every member inside it would pass its own check."""
+    zip_home(_phrasebank_members(), pin=False)  # the pinned hash stays the real zip's
+    extracted = []
+    monkeypatch.setattr(download, "safe_extract", lambda *a: extracted.append(a) or [])
+    cache = tmp_path / "cache"
+    fetcher = make_fetcher("remote", registry=samples_registry(), cache_dir=cache, progress=False, retries=0)
+    with pytest.raises(DownloadError) as info:
+        fetcher.fetch("financial_phrasebank/Sentences_AllAgree.txt")
+    message = str(info.value)
+    assert "sha256 mismatch" in message and download.PHRASEBANK_ZIP_SHA256 in message
+    assert extracted == [] and _files_under(cache) == []
 
 
 def test_phrasebank_from_zip(zip_home, tmp_path):

@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 
 def _records() -> list[dict]:
-    """16 short sentiment records and 16 long intent records: with length-grouped batching every global
+    """16 short sentiment records, 16 long intent records and 16 squad records (a deep prompt): with length-grouped batching every global
     batch of 8 holds one task only, so in each step the other task's prompt gets no gradient at all (one
     process leaves it untouched; two processes must agree on that too)."""
     words = ["rose", "fell", "held steady"]
@@ -46,6 +46,8 @@ def _records() -> list[dict]:
     recs += [{"taskname": "intent_and_slot",
               "utterance": f"please wake me up at {i % 12 + 1} am tomorrow morning, I have an early meeting",
               "label": f"Intent: alarm_set\nSlots: time({i % 12 + 1} am), date(tomorrow)"} for i in range(16)]
+    recs += [{"taskname": "squad", "context": f"The meeting is at {i % 12 + 1} pm in room {i}.",
+              "question": "When is the meeting?", "answer": f"{i % 12 + 1} pm"} for i in range(16)]
     return recs
 
 
@@ -120,3 +122,4 @@ def test_two_processes_match_one_process(tmp_path, one_thread, tiny_base):
     assert all(torch.equal(single_initial[k], initial[k]) for k in initial)  # rank 0 = the single process's init
     moved = [k for k in single if not torch.equal(single[k], initial[k])]
     assert "prompt_embeddings.sentiment.weight" in moved and "encoders.encoder0.inputs.intent_and_slot" in moved
+    assert "deep_prompts.squad.mlp.2.weight" in moved

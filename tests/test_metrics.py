@@ -2,6 +2,8 @@
 
 import pytest
 
+import promptlab as pl
+
 from promptlab.errors import DataError
 from promptlab.metrics import (
     classification_metrics,
@@ -13,6 +15,7 @@ from promptlab.metrics import (
     normalize_answer,
     parse_intent_slot,
     primary_metric,
+    primary_score,
     squad_exact_match,
     squad_f1,
     squad_metrics,
@@ -222,8 +225,39 @@ def test_compute_task_metrics_dispatch():
 
     other = compute_task_metrics("boolq", ["true", "false"], [{"label": "true"}, {"label": "true"}])
     assert other == {"exact_match": 0.5, "n": 2}
-    custom = compute_task_metrics("boolq", ["yes"], [{"target": "yes"}], answer_field="target")
-    assert custom["exact_match"] == 1.0
+    custom = pl.TaskTemplate("boolq", "{passage} {target}", 0, answer_field="target")
+    assert compute_task_metrics(custom, ["yes"], [{"target": "yes"}])["exact_match"] == 1.0
+
+
+def test_a_task_defined_only_by_its_template_gets_its_metric():
+    """The metric, labels and answer field come from the template: no task name is special."""
+    topic = pl.TaskTemplate("topic", "{text} topic: {category}", 0, answer_field="category",
+                            metric="classification", labels=["alarm", "music", "weather"])
+    m = compute_task_metrics(topic, ["alarm", "music", "alarm"], [{"category": c} for c in ("alarm", "weather", "alarm")])
+    assert m["labels"] == ["alarm", "music", "weather"] and m["accuracy"] == pytest.approx(2 / 3)
+    assert primary_metric(topic) == "accuracy" and primary_score(topic, m) == pytest.approx(2 / 3)
+    summary = pl.TaskTemplate("summary", "{text} TL;DR: {summary}", 0, answer_field="summary", metric="rouge_l")
+    r = compute_task_metrics(summary, ["the cat sat on the mat", "dogs"], [{"summary": "the cat is on the mat"},
+                                                                           {"summary": "cats"}])
+    assert r["rouge_l"] == pytest.approx((5 / 6 + 0) / 2) and r["n"] == 2  # LCS 5 of 6 words; nothing shared
+    qa = pl.TaskTemplate("qa", "{q} A: {reply}", 0, answer_field="reply", metric="squad")
+    assert compute_task_metrics(qa, ["Paris"], [{"reply": "paris"}])["f1"] == 100.0
+    assert primary_score(qa, {"f1": 50.0}) == 0.5  # percentages to the 0..1 scale
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"metric": "bleu"}, "unknown metric 'bleu'"),
+    ({"metric": "classification"}, "needs its labels"),
+    ({"labels": ["a", "b"]}, "labels are the classes of metric 'classification'"),
+    ({"metric": "classification", "labels": ["a", "a"]}, "distinct"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+    ({"stop": "\n"}, "stop must be a list"),
+    ({"recipe": {"method": "lora"}}, "recipe method must be one of"),
+    ({"recipe": {"method": "prompt_tuning", "encoder": "lstm"}}, r"unknown recipe key\(s\) \['encoder'\]"),
+])
+def test_inconsistent_task_settings_name_the_task(settings, message):
+    with pytest.raises(pl.TemplateError, match=rf"task 'mine': .*{message}"):
+        pl.TaskTemplate("mine", "{x} => {y}", 0, answer_field="y", **settings)
 
 
 def test_compute_task_metrics_missing_field_names_record():

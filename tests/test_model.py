@@ -223,9 +223,9 @@ def test_table_add_save_load_keeps_old_tasks_bit_identical(tiny_base, tmp_path):
     third.save(path)
     fourth = pl.PromptTable.load(path, base=tiny_base)
     assert fourth.tasks() == first.tasks() and all(torch.equal(fourth[t], first[t]) for t in first)
-    with pytest.raises(KeyError, match="already in the prompt table"):
+    with pytest.raises(pl.PromptTableError, match="already in the prompt table"):
         fourth.add("lm", first["lm"], all_tasks()["lm"], "p_tuning")
-    with pytest.raises(KeyError, match="not in the prompt table"):
+    with pytest.raises(pl.PromptTableError, match="not in the prompt table"):
         fourth.remove("squad")
 
 
@@ -443,7 +443,7 @@ def test_generate_unknown_task_names_it_and_the_known_tasks(tiny_base):
     # a known template without any prompt yet: an error that says so, not a crash inside the model
     untrained = pl.PromptLearningModel(tiny_base, all_tasks())
     untrained.add_prompt_tuning("sentiment")
-    with pytest.raises((KeyError, DataError), match=r"'squad' has no prompt.*\['sentiment'\]"):
+    with pytest.raises((pl.ConfigError, DataError), match=r"'squad' has no input prompt.*\['sentiment'\]"):
         untrained.generate([RECORDS[2]], max_new_tokens=2)
 
 
@@ -452,8 +452,8 @@ def test_generate_respects_max_new_tokens_and_stop_strings(tiny_gpt2_base, monke
     record = RECORDS[4]  # the language-modelling task: varied output
     calls = decoded_tokens(monkeypatch, model.tokenizer)
     steps = []
-    step = generation._backbone_step
-    monkeypatch.setattr(generation, "_backbone_step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    step = generation._step
+    monkeypatch.setattr(generation, "_step", lambda *a, **k: steps.append(1) or step(*a, **k))
     for n in (1, 3, 5):
         calls.clear()
         steps.clear()

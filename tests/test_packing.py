@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from promptlab import generation
-from promptlab.data.features import collate, encode_records, pack_batch
+from promptlab.data.features import collate, encode_records
+from promptlab.packing import pack_batch
 from promptlab.evaluate import rank_labels
 from test_model import RECORDS, build, training_records
 
@@ -118,17 +119,18 @@ def test_caches_that_cannot_drop_rows_keep_them_and_ignore_their_tokens(tiny_gpt
     alone = [model.generate([r], max_new_tokens=8)[0] for r in RECORDS]
     stops = sorted({text[1:3] for text in alone if len(text) > 3})
     expected = model.generate(RECORDS, max_new_tokens=8, stop=stops)
-    original = generation._backbone_step
+    original = generation._step
 
     class NoSelect:  # a cache without batch_select_indices: only forwards the backbone's own cache
         def __init__(self, cache):
             self.cache = cache
 
-    def step(model_, cache, rows=None, **inputs):
-        inner = cache.cache if isinstance(cache, NoSelect) else cache
-        new, hidden = original(model_, inner, rows=rows, **inputs)
+    def step(lm, rows=None, **inputs):
+        if isinstance(inputs.get("cache"), NoSelect):
+            inputs["cache"] = inputs["cache"].cache
+        new, hidden = original(lm, rows=rows, **inputs)
         return NoSelect(new), hidden
 
-    monkeypatch.setattr(generation, "_backbone_step", step)
+    monkeypatch.setattr(generation, "_step", step)
     monkeypatch.setattr(generation, "_packed_prompt", lambda *a: None)
     assert model.generate(RECORDS, max_new_tokens=8, stop=stops) == expected

@@ -4,7 +4,7 @@ import torch
 
 import promptlab as pl
 from promptlab.baselines import baseline_model
-from promptlab import viz
+from promptlab import playground
 
 SENTENCE = "Profit rose by 5 % in the quarter ."
 UTTERANCE = "wake me up at seven am"
@@ -21,7 +21,7 @@ def model(tiny_base, tasks):
 
 
 def test_answer_matches_generate_and_describes_the_virtual_tokens(model):
-    out = viz.playground_answer(model, "intent_and_slot", {"utterance": UTTERANCE})
+    out = playground.playground_answer(model, "intent_and_slot", {"utterance": UTTERANCE})
     record = {"taskname": "intent_and_slot", "utterance": UTTERANCE}
     assert out["record"] == record
     assert out["answer"] == model.generate([record], max_new_tokens=40)[0].strip()
@@ -33,7 +33,7 @@ def test_answer_matches_generate_and_describes_the_virtual_tokens(model):
 
 
 def test_answer_of_a_frozen_prompt_tuning_task(model):
-    out = viz.playground_answer(model, "sentiment", {"sentence": SENTENCE}, max_new_tokens=3)
+    out = playground.playground_answer(model, "sentiment", {"sentence": SENTENCE}, max_new_tokens=3)
     assert out["method"] == "prompt_tuning" and out["splits"] == [10]
     # render() keeps the space before the answer slot (the encoder moves it onto the answer)
     assert out["rendered"] == "".join(f"[V{i}]" for i in range(10)) + f" {SENTENCE} sentiment: "
@@ -47,23 +47,23 @@ def test_answer_of_a_frozen_prompt_tuning_task(model):
 ])
 def test_bad_requests_name_the_problem(model, task, fields, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        viz.playground_answer(model, task, fields)
+        playground.playground_answer(model, task, fields)
 
 
 def test_playground_tasks_lists_only_answerable_tasks(model, tiny_base, tasks):
-    assert viz.playground_tasks(model) == ["sentiment", "intent_and_slot"]
+    assert playground.playground_tasks(model) == ["sentiment", "intent_and_slot"]
     zero_shot = baseline_model(tiny_base, tasks, "zero-shot")
-    assert viz.playground_tasks(zero_shot) == list(tasks)  # no virtual tokens: nothing to learn
-    assert viz.playground_answer(zero_shot, "sentiment", {"sentence": SENTENCE})["method"] == "none"
+    assert playground.playground_tasks(zero_shot) == list(tasks)  # no virtual tokens: nothing to learn
+    assert playground.playground_answer(zero_shot, "sentiment", {"sentence": SENTENCE})["method"] == "none"
     with pytest.raises(ValueError, match="no task with a prompt"):
-        viz.playground(pl.PromptLearningModel(tiny_base, tasks))
+        playground.playground(pl.PromptLearningModel(tiny_base, tasks))
 
 
 def test_widget_generates_and_shows_reference_and_virtual_tokens(model):
     ipywidgets = pytest.importorskip("ipywidgets")
     records = {"sentiment": [{"taskname": "sentiment", "sentence": SENTENCE, "label": "positive"},
                              {"taskname": "sentiment", "sentence": "Sales fell .", "label": "negative"}]}
-    app = viz.playground(model, records)
+    app = playground.playground(model, records)
     assert isinstance(app, ipywidgets.VBox)
     (chooser, next_button), info, inputs_box, generate, result = app.children[0].children, *app.children[1:]
     assert list(chooser.options) == ["sentiment", "intent_and_slot"]
@@ -72,7 +72,7 @@ def test_widget_generates_and_shows_reference_and_virtual_tokens(model):
     assert "prompt_tuning, 10 virtual tokens" in info.value
 
     generate.click()
-    expected = viz.playground_answer(model, "sentiment", {"sentence": SENTENCE})["answer"]
+    expected = playground.playground_answer(model, "sentiment", {"sentence": SENTENCE})["answer"]
     assert "<b>reference:</b> <code>positive</code>" in result.value
     assert "[V0][V1]" in result.value and "splits [10]" in result.value
     assert f"<code>{expected or '(empty)'}</code>" in result.value
@@ -93,7 +93,7 @@ def test_widget_generates_and_shows_reference_and_virtual_tokens(model):
 
 def test_widget_shows_errors_instead_of_raising(model, tiny_base, tasks):
     m = pl.PromptLearningModel(tiny_base, tasks, prompt_table=model.prompt_table, max_seq_length=20)
-    app = viz.playground(m)
+    app = playground.playground(m)
     inputs_box, generate, result = app.children[2:]
     inputs_box.children[0].value = "word " * 50  # longer than max_seq_length: generate raises DataError
     generate.click()
@@ -102,5 +102,5 @@ def test_widget_shows_errors_instead_of_raising(model, tiny_base, tasks):
 
 def test_playground_does_not_touch_the_prompts(model):
     before = model.prompt_table["sentiment"].clone()
-    viz.playground_answer(model, "sentiment", {"sentence": SENTENCE})
+    playground.playground_answer(model, "sentiment", {"sentence": SENTENCE})
     assert torch.equal(before, model.prompt_table["sentiment"])

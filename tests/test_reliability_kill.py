@@ -3,9 +3,11 @@
 One helper process (tests/_kill_worker.py) imports torch and promptlab once and forks a child per run; the
 child trains the tiny model with a checkpoint every step, and the helper SIGKILLs it at the chosen moment:
 in the middle of a checkpoint write (part of the temporary file written), with the temporary file complete
-but not renamed, right after the rename, between an optimizer step and its checkpoint, or after a seeded
-delay, wherever training is. Every run after a kill resumes from what is on disk; the run that finally
-completes must end with exactly (torch.equal) the prompts, encoder and history of an uninterrupted run.
+but not renamed, right after the rename, between an optimizer step and its checkpoint, or at a seeded
+random function call of the run, wherever training is. The child stops itself at the chosen point and says
+so before it is killed, so no kill depends on timing or on how busy the machine is. Every run after a kill
+resumes from what is on disk; the run that finally completes must end with exactly (torch.equal) the
+prompts, encoder and history of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import select
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from promptlab.errors import CheckpointError
 WORKER = Path(__file__).with_name("_kill_worker.py")
 MAX_STEPS = 5
 PAUSE_KILLS = 16  # kills at chosen points (checkpoint writes, optimizer steps)
-TIMER_KILLS = 8  # kills after seeded delays
+CALL_KILLS = 8  # kills at seeded random function calls
 TABLE_KILLS = 3  # kills while saving a prompt table
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork (POSIX only)")
@@ -84,15 +85,14 @@ def worker():
 
 @pytest.fixture(scope="module")
 def reference(worker, tmp_path_factory):
-    """The uninterrupted run: final parameters, history, and how long it took."""
+    """The uninterrupted run: final parameters, history, and how many function calls its fit made."""
     out = tmp_path_factory.mktemp("reference")
-    start = time.monotonic()
-    assert worker.run(op="train", out=str(out), resume=False, max_steps=MAX_STEPS) == {"status": "ok"}
-    seconds = time.monotonic() - start
+    result = worker.run(op="train", out=str(out), resume=False, max_steps=MAX_STEPS, count_calls=True)
+    assert result["status"] == "ok" and result["calls"] > 1000, result
     params, history = read_final(out)
     assert len(params) > 3 and any(".lstm." in k for k in params)  # prompt tuning and an LSTM encoder
     assert [h["step"] for h in history] == list(range(1, MAX_STEPS + 1))
-    return params, history, seconds
+    return params, history, result["calls"]
 
 
 def read_final(out: Path):
@@ -165,31 +165,33 @@ def test_kills_at_chosen_points_then_resume_bit_identical(worker, reference, tmp
     print(f"\n{kills} chosen kill points survived in {campaigns + 1} resumed runs")
 
 
-def test_kills_after_seeded_delays_then_resume_bit_identical(worker, reference, tmp_path):
-    """SIGKILL at seeded times, wherever the run is; each kill must leave a checkpoint that resumes exactly."""
+def test_kills_at_seeded_random_calls_then_resume_bit_identical(worker, reference, tmp_path):
+    """SIGKILL at a seeded random function call of the run, wherever training is then (a forward pass, the
+    optimizer, a checkpoint write); each kill must leave a checkpoint that resumes exactly."""
     rng = random.Random(7)
-    run_seconds = reference[2]
+    run_calls = reference[2]
     kills, completed, attempts = 0, 0, 0
-    out = tmp_path / "timer0"
-    while kills < TIMER_KILLS:
+    out = tmp_path / "calls0"
+    while kills < CALL_KILLS:
         attempts += 1
-        assert attempts < 4 * TIMER_KILLS, "the runs finish before the timers: cannot place the kills"
+        assert attempts < 4 * CALL_KILLS, "the runs finish before the chosen calls: cannot place the kills"
         before = checkpoint_step(out)
-        delay = round(rng.uniform(0.0, 0.8) * run_seconds, 3)
-        result = worker.run(op="train", out=str(out), resume=before > 0, max_steps=MAX_STEPS, kill_after=delay)
+        call = rng.randint(1, int(0.8 * run_calls))
+        result = worker.run(op="train", out=str(out), resume=before > 0, max_steps=MAX_STEPS, kill_at_call=call)
         if result["status"] == "killed":
+            assert result["where"] == f"call {call}", result
             kills += 1
             assert checkpoint_step(out) >= before  # never goes back, always readable
             continue
-        assert result == {"status": "ok"}, result
+        assert result["status"] == "ok" and result["calls"] < call, result  # a resumed run is shorter
         assert_same_as_reference(out, reference)
         completed += 1
-        out = tmp_path / f"timer{completed}"
+        out = tmp_path / f"calls{completed}"
     if checkpoint_step(out) or out.exists():
         assert worker.run(op="train", out=str(out), resume=checkpoint_step(out) > 0,
                           max_steps=MAX_STEPS) == {"status": "ok"}
         assert_same_as_reference(out, reference)
-    print(f"\n{kills} timed kill points survived ({attempts} runs)")
+    print(f"\n{kills} kills at random calls survived ({attempts} runs)")
 
 
 def test_table_save_killed_midway_leaves_the_previous_file(worker, tiny_base, tmp_path):
@@ -202,11 +204,14 @@ def test_table_save_killed_midway_leaves_the_previous_file(worker, tiny_base, tm
                             pause={"at": "write", "nth": 1, "stage": stage, "frac": frac})
         assert result["status"] == "killed", result
         assert torch.equal(pl.PromptTable.load(path, base=tiny_base)["sentiment"], old)  # previous, intact
+        assert len(list(tmp_path.glob(".prompts.safetensors.*.tmp"))) == 1  # this kill's; the last one's is gone
     result = worker.run(op="table", path=str(path), value=3.5,
                         pause={"at": "write", "nth": 1, "stage": "after_replace"})
     assert result["status"] == "killed"
     new = pl.PromptTable.load(path, base=tiny_base)["sentiment"]  # renamed: the complete new file
     assert torch.equal(new, torch.full_like(new, 3.5))
+    # the killed writers' temporary files were removed by the next write of the table (their pids are gone)
+    assert list(tmp_path.glob(".prompts.safetensors.*.tmp")) == []
     print(f"\n{TABLE_KILLS + 1} table-save kill points survived")
 
 

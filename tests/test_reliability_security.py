@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import http.server
 import io
 import os
@@ -401,6 +402,8 @@ def test_malicious_phrasebank_zip_writes_nothing_outside(server, tmp_path, monke
     }[evil]
     server.files["/FinancialPhraseBank-v1.0.zip"] = _zip(bad + good)
     monkeypatch.setattr(download, "PHRASEBANK_ZIP_URL", server.url + "FinancialPhraseBank-v1.0.zip")
+    # pinned as the real zip is: the crafted archive passes the sha256 check and reaches extraction
+    monkeypatch.setattr(download, "PHRASEBANK_ZIP_SHA256", hashlib.sha256(server.files["/FinancialPhraseBank-v1.0.zip"]).hexdigest())
     cache = tmp_path / "cache"
     fetcher = make_fetcher("remote", registry=samples_registry(), cache_dir=cache, progress=False, retries=0)
     with pytest.raises(DownloadError, match="archive rejected"):

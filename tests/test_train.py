@@ -299,12 +299,15 @@ def test_resume_refuses_another_method(tiny_base, tasks, checkpoint_dir):
         trainer.fit(resume=True)
 
 
-def test_resume_without_checkpoint(tiny_base, tasks, tmp_path):
+def test_resume_without_checkpoint_starts_fresh_and_says_so(tiny_base, tasks, tmp_path, capsys):
+    """A preempted job that always passes --resume, killed before its first checkpoint, starts afresh."""
     model = make_model(tiny_base, tasks)
     trainer = Trainer(model, sentiment_records(8, 0), None, config(output_dir=str(tmp_path / "empty")))
-    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
-        trainer.fit(resume=True)
-    assert trainer.state.step == 0
+    resumed = trainer.fit(resume=True)
+    assert "no checkpoint yet, starting a fresh run" in capsys.readouterr().out
+    fresh_model = make_model(tiny_base, tasks)
+    fresh = Trainer(fresh_model, sentiment_records(8, 0), None, config(output_dir=str(tmp_path / "other"))).fit()
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in fresh]
     no_dir = Trainer(make_model(tiny_base, tasks), sentiment_records(8, 0), None, config(output_dir=None))
     with pytest.raises(ConfigError, match="output_dir"):
         no_dir.fit(resume=True)

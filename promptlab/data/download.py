@@ -10,7 +10,8 @@ into a verified local file, from one of three places:
 * an **http(s) mirror** (``PROMPTLAB_DATA_MIRROR=https://host/datasets/``): downloaded with pooch into
   the cache (``$PROMPTLAB_CACHE`` or ``~/.cache/promptlab``, sub-folder ``data/``);
 * the datasets' **public homes** when there is no mirror (the Financial PhraseBank comes as one zip, which
-  is extracted safely and whose ``Sentences_*.txt`` members are checked one by one).
+  is checked against its own sha256, extracted safely, and whose ``Sentences_*.txt`` members are checked
+  one by one).
 
 ``make_fetcher("samples")`` reads the small sample files bundled in ``promptlab/data/samples/`` instead,
 checked against their own ``SHA256SUMS``.
@@ -42,6 +43,10 @@ PHRASEBANK_ZIP_URL = (
     "https://huggingface.co/datasets/takala/financial_phrasebank/resolve/main/data/FinancialPhraseBank-v1.0.zip"
 )
 PHRASEBANK_ZIP_RELPATH = "financial_phrasebank/FinancialPhraseBank-v1.0.zip"
+# The zip's sha256 (681890 bytes), as pinned by Hugging Face's financial_phrasebank dataset_infos.json. The
+# zip is only a way to get the Sentences_*.txt files (each checked again against the registry), so it
+# lives here beside its URL, not in the registry of the files the dataset builders read.
+PHRASEBANK_ZIP_SHA256 = "0e1a06c4900fdae46091d031068601e3773ba067c7cecb5b0da1dcba5ce989a6"
 SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
 NLU_URL = (
     "https://raw.githubusercontent.com/xliuhw/NLU-Evaluation-Data/f6071b496b17d71e6eb43f543af0707f4ff30557/"
@@ -273,14 +278,15 @@ class Fetcher:
             )
         return path
 
-    def _download(self, relpath: str, url: str, expected: str | None, from_mirror: bool) -> Path:
-        """Download ``url`` into the cache as ``relpath`` (unless a verified copy is there already)."""
+    def _download(self, relpath: str, url: str, expected: str, from_mirror: bool) -> Path:
+        """Download ``url`` into the cache as ``relpath`` (unless a verified copy is there already); the
+        download must have sha256 ``expected`` or it is deleted."""
         import pooch
         import requests
 
         target = self.data_cache / relpath
         if target.is_file():
-            if expected is None or sha256_file(target) == expected:
+            if sha256_file(target) == expected:
                 return target  # cache hit
             target.unlink()  # a stale or tampered copy is never used, nor kept
         store = pooch.Pooch(
@@ -318,8 +324,9 @@ class Fetcher:
             if sha256_file(target) == expected:
                 return target
             target.unlink()
-        zip_expected = self.registry.entries.get(PHRASEBANK_ZIP_RELPATH)  # the zip's own hash is optional
-        zip_path = self._download(PHRASEBANK_ZIP_RELPATH, PHRASEBANK_ZIP_URL, zip_expected, from_mirror=False)
+        # the archive is checked before it is opened: a tampered zip is never extracted
+        zip_path = self._download(PHRASEBANK_ZIP_RELPATH, PHRASEBANK_ZIP_URL, PHRASEBANK_ZIP_SHA256,
+                                  from_mirror=False)
         wanted = PurePosixPath(relpath).name
         try:
             with tempfile.TemporaryDirectory(dir=zip_path.parent, prefix=".extract-") as tmp:

@@ -65,25 +65,36 @@ def _field_text(record: Mapping[str, Any], name: str, template: TaskTemplate, wh
     return text
 
 
-def _pieces(record: Mapping[str, Any], template: TaskTemplate, with_answer: bool, where: str):
-    """Template segments as (kind, text-or-segment) with the leading-space rule applied."""
+@dataclass
+class _Piece:
+    """One template segment of a record: kind "virtual", "text" (literal) or "field" (named ``name``)."""
+
+    kind: str
+    text: str = ""
+    name: str = ""  # the field's name, for kind "field"
+    segment: Any = None  # the virtual run, for kind "virtual"
+
+
+def _pieces(record: Mapping[str, Any], template: TaskTemplate, with_answer: bool, where: str) -> list[_Piece]:
+    """Template segments with the record's field texts and the leading-space rule applied. The kind of a
+    piece never comes from a field's name: a field may be called ``text`` or ``virtual``."""
     segments = template.segments if with_answer else template.prompt_segments
-    pieces: list[list] = []
+    pieces: list[_Piece] = []
     for seg in segments:
         if seg.kind == "virtual":
-            pieces.append(["virtual", seg])
+            pieces.append(_Piece("virtual", segment=seg))
         elif seg.kind == "text":
-            pieces.append(["text", seg.value])
+            pieces.append(_Piece("text", seg.value))
         else:
             text = _field_text(record, seg.value, template, where)
-            if pieces and pieces[-1][0] == "text" and pieces[-1][1].endswith(" ") and not text[:1].isspace():
-                pieces[-1][1] = pieces[-1][1][:-1]
+            if pieces and pieces[-1].kind == "text" and pieces[-1].text.endswith(" ") and not text[:1].isspace():
+                pieces[-1].text = pieces[-1].text[:-1]
                 text = " " + text
-            pieces.append([seg.value, text])
-    if not with_answer and template.answer_field and pieces and pieces[-1][0] == "text" \
-            and pieces[-1][1].endswith(" "):
-        pieces[-1][1] = pieces[-1][1][:-1]  # with the answer this space moves onto it: the prompt must not keep it
-    return [p for p in pieces if p[0] != "text" or p[1]]  # empty fields stay: the answer may be ""
+            pieces.append(_Piece("field", text, name=seg.value))
+    if not with_answer and template.answer_field and pieces and pieces[-1].kind == "text" \
+            and pieces[-1].text.endswith(" "):
+        pieces[-1].text = pieces[-1].text[:-1]  # with the answer this space moves onto it: the prompt must not keep it
+    return [p for p in pieces if p.kind != "text" or p.text]  # empty fields stay: the answer may be ""
 
 
 def encode(record: Mapping[str, Any], template: TaskTemplate, tokenizer, max_length: int,
@@ -94,26 +105,26 @@ def encode(record: Mapping[str, Any], template: TaskTemplate, tokenizer, max_len
     generation starts.
     """
     pieces = _pieces(record, template, with_answer, where)
-    texts = [p[1] for p in pieces if p[0] != "virtual"]
+    texts = [p.text for p in pieces if p.kind != "virtual"]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
-    ids_per_piece = [None if p[0] == "virtual" else list(next(encoded)) for p in pieces]
+    ids_per_piece = [None if p.kind == "virtual" else list(next(encoded)) for p in pieces]
 
     answer = template.answer_field
     if with_answer:
         eos = tokenizer.eos_token_id
         if answer is not None:
-            ids_per_piece[-1] = ids_per_piece[-1] + [eos]
+            ids_per_piece[-1] = ids_per_piece[-1] + [eos]  # the template ends with the answer field
         else:
             ids_per_piece.append([eos])
-            pieces.append(["text", ""])
+            pieces.append(_Piece("text"))
 
     def length() -> int:
-        return sum(p[1].length if p[0] == "virtual" else len(ids) for p, ids in zip(pieces, ids_per_piece))
+        return sum(p.segment.length if p.kind == "virtual" else len(ids) for p, ids in zip(pieces, ids_per_piece))
 
     truncated = 0
     excess = length() - max_length
     if excess > 0:
-        cut = [i for i, p in enumerate(pieces) if p[0] == template.truncate_field]
+        cut = [i for i, p in enumerate(pieces) if p.kind == "field" and p.name == template.truncate_field]
         if not cut or len(ids_per_piece[cut[0]]) <= excess:
             return None
         ids_per_piece[cut[0]] = ids_per_piece[cut[0]][:-excess]
@@ -124,13 +135,14 @@ def encode(record: Mapping[str, Any], template: TaskTemplate, tokenizer, max_len
     labels: list[int] = []
     train_all = not (template.answer_only_loss and answer is not None)
     for piece, ids in zip(pieces, ids_per_piece):
-        if piece[0] == "virtual":
-            seg = piece[1]
+        if piece.kind == "virtual":
+            seg = piece.segment
             input_ids += [tokenizer.pad_token_id] * seg.length  # placeholder: the model writes the prompt here
             virtual_index += range(seg.start, seg.start + seg.length)
             labels += [IGNORE_INDEX] * seg.length
             continue
-        is_answer = with_answer and (piece[0] == answer or (answer is None and piece is pieces[-1]))
+        is_answer = with_answer and ((piece.kind == "field" and piece.name == answer)
+                                     or (answer is None and piece is pieces[-1]))
         input_ids += ids
         virtual_index += [REAL] * len(ids)
         labels += ids if (with_answer and (is_answer or train_all)) else [IGNORE_INDEX] * len(ids)
@@ -228,157 +240,3 @@ def iter_batches(examples: Sequence[Example], batch_size: int, pad_token_id: int
                                         for i in range(0, len(examples), batch_size)])
     for idx in order:
         yield idx, collate([examples[i] for i in idx], pad_token_id, padding_side)
-
-
-# ------------------------------------------------------------------------------------ packing (loss only)
-# Cost of one attended (query, key) pair relative to one token through the linear layers, forward plus
-# backward; measured on CPU with SmolLM2-135M in float32. It decides how many packed rows a batch gets.
-ATTENTION_COST = 1 / 1300
-
-
-@dataclass
-class PackedBatch:
-    """A right-padded (B, T) batch packed into (R, S) rows: no padding inside, shared prefixes stored once.
-
-    Rows of one task that begin with the same tokens (the virtual tokens and template text, or the same
-    sentence scored with several labels) share those positions: they form a tree, each node stored once per
-    packed row, and a position attends only to its own node (causally) and the node's ancestors. Every
-    position therefore sees exactly the keys it sees in its own padded row, at the same position ids.
-
-    Attributes:
-        source: (R, S) index into the flattened (B*T) batch of the token at each packed slot (0 at padding).
-        position_ids: (R, S) that token's position in its own row.
-        attention: (R, 1, S, S) bool, True where the query slot (dim 2) may attend the key slot (dim 3).
-        target: (B, T) index into the flattened (R*S) packed output of each real position (0 at padding).
-    """
-
-    source: torch.Tensor
-    position_ids: torch.Tensor
-    attention: torch.Tensor
-    target: torch.Tensor
-
-    @property
-    def num_slots(self) -> int:
-        return self.source.numel()
-
-
-def _prefix_tree(rows: list[int], keys: list[list[tuple[int, int]]], nodes: list[list[int]],
-                 paths: list[list[int]]) -> int:
-    """Append the tree of ``rows`` (all starting at position 0) to ``nodes`` ([parent, start, length, row]);
-    ``paths[b]`` gets the nodes row b passes through. Returns the root's index."""
-    root = -1
-    stack = [(rows, 0, -1)]
-    while stack:
-        group, start, parent = stack.pop()
-        first, end = group[0], min(len(keys[b]) for b in group)
-        stop = start
-        while stop < end and all(keys[b][stop] == keys[first][stop] for b in group):
-            stop += 1
-        node = len(nodes)
-        nodes.append([parent, start, stop - start, first])
-        root = node if parent < 0 else root
-        branches: dict[tuple[int, int], list[int]] = {}
-        for b in group:
-            paths[b].append(node)
-            if len(keys[b]) > stop:
-                branches.setdefault(keys[b][stop], []).append(b)
-        stack += [(g, stop, node) for g in branches.values()]
-    return root
-
-
-def pack_batch(input_ids: torch.Tensor, virtual_index: torch.Tensor, attention_mask: torch.Tensor,
-               tasknames: Sequence[str], attention_cost: float = ATTENTION_COST) -> PackedBatch | None:
-    """Plan packing a right-padded batch (see `PackedBatch`); None when it would not save work.
-
-    The packed width S and row count R minimise R*S*(1 + attention_cost*S) (tokens through the linear
-    layers plus attended pairs) over row counts, each filled longest-first into the least loaded row.
-    """
-    mask = attention_mask.bool()
-    if mask.shape[1] < 2 or not bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        return None  # left padding (generation) or holes: not a training batch
-    B, T = mask.shape
-    lengths = mask.sum(1).tolist()
-    ids, virtual = input_ids.tolist(), virtual_index.tolist()
-    keys = [list(zip(ids[b][: lengths[b]], virtual[b][: lengths[b]])) for b in range(B)]
-    nodes: list[list[int]] = []  # [parent, start, length, representative row]
-    paths: list[list[int]] = [[] for _ in range(B)]
-    by_task: dict[str, list[int]] = {}
-    for b, task in enumerate(tasknames):
-        by_task.setdefault(task, []).append(b)
-    roots = [_prefix_tree(rows, keys, nodes, paths) for rows in by_task.values()]
-    children: dict[int, list[int]] = {}
-    for n, (parent, *_rest) in enumerate(nodes):
-        children.setdefault(parent, []).append(n)
-
-    def subtree(n: int) -> list[int]:  # preorder: a parent before its children
-        out, stack = [], [n]
-        while stack:
-            m = stack.pop()
-            out.append(m)
-            stack += reversed(children.get(m, []))
-        return out
-
-    # units placed in packed rows: each subtree under a task root (the root is stored once per packed row)
-    units = [(root, subtree(c)) for root in roots for c in children.get(root, [])]
-    units += [(root, []) for root in roots if root not in children]
-    units.sort(key=lambda u: -sum(nodes[n][2] for n in u[1]))
-    best = None
-    for count in range(1, len(units) + 1):
-        loads, members = [0] * count, [dict() for _ in range(count)]  # per packed row: root -> its units
-        for root, sub in units:
-            size = sum(nodes[n][2] for n in sub)
-            costs = [loads[k] + size + (0 if root in members[k] else nodes[root][2]) for k in range(count)]
-            k = min(range(count), key=costs.__getitem__)
-            loads[k] = costs[k]
-            members[k].setdefault(root, []).append(sub)
-        width = max(loads)
-        cost = count * width * (1 + attention_cost * width)
-        if best is None or cost < best[0]:
-            best = (cost, width, members)
-    if best is None or best[0] >= B * T * (1 + attention_cost * T):
-        return None
-    _, width, members = best
-    count = len(members)
-    source = [[0] * width for _ in range(count)]
-    position = [[0] * width for _ in range(count)]
-    instance = [[-1] * width for _ in range(count)]  # node instance of each slot (-1: padding)
-    parents: list[int] = []  # parent instance of each instance
-    slot_of: dict[tuple[int, int], tuple[int, int]] = {}  # (packed row, node) -> (instance, first slot)
-    for k, placed in enumerate(members):
-        at = 0
-        for root, subs in placed.items():
-            for n in [root] + [m for sub in subs for m in sub]:
-                parent, start, length, row = nodes[n]
-                inst = len(parents)
-                parents.append(slot_of[(k, parent)][0] if parent >= 0 else -1)
-                slot_of[(k, n)] = (inst, at)
-                for j in range(length):
-                    source[k][at + j] = row * T + start + j
-                    position[k][at + j] = start + j
-                    instance[k][at + j] = inst
-                at += length
-    home = {n: k for k, placed in enumerate(members) for subs in placed.values() for sub in subs for n in sub}
-    target = [[0] * T for _ in range(B)]
-    for b in range(B):
-        k = home.get(paths[b][-1], None)
-        if k is None:  # the row is its task's root alone
-            k = next(k for k, placed in enumerate(members) if paths[b][0] in placed)
-        for n in paths[b]:
-            _, start, length, _ = nodes[n]
-            first = slot_of[(k, n)][1]
-            for j in range(length):
-                target[b][start + j] = k * width + first + j
-    n_inst = len(parents)
-    ancestor = torch.eye(n_inst + 1, dtype=torch.bool)  # [x, y]: y is x or an ancestor of x; last: padding
-    for x in range(n_inst):
-        y = parents[x]
-        while y >= 0:
-            ancestor[x, y] = True
-            y = parents[y]
-    device = input_ids.device
-    inst = torch.tensor(instance)  # (R, S); -1 indexes the padding row/column of `ancestor`
-    slots = torch.arange(width)
-    causal = slots[None, :] <= slots[:, None]  # (S, S): key <= query
-    attention = causal[None] & ancestor[inst[:, :, None], inst[:, None, :]]  # (R, S, S)
-    return PackedBatch(torch.tensor(source, device=device), torch.tensor(position, device=device),
-                       attention[:, None].to(device), torch.tensor(target, device=device))

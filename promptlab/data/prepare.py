@@ -175,8 +175,10 @@ def prepare_dataset(
     mirror: str | None = None,
     fetcher: Fetcher | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Write ``out_dir/{train,validation,test}.jsonl`` and ``out_dir/manifest.json``; return the manifest.
+    as_dataset: bool = False,
+):
+    """Write ``out_dir/{train,validation,test}.jsonl`` and ``out_dir/manifest.json``; return the manifest,
+    or with ``as_dataset`` the splits as a `datasets.DatasetDict` (its ``info.description`` names the files).
 
     Args:
         name: one of ``DATASETS`` ("sentiment", "intent_and_slot", "squad").
@@ -189,6 +191,7 @@ def prepare_dataset(
         mirror: a directory or http(s) URL overriding ``$PROMPTLAB_DATA_MIRROR`` (source "remote").
         fetcher: a ready Fetcher (e.g. with another registry); overrides ``source`` and ``mirror``.
         progress: show download progress bars.
+        as_dataset: return the three splits as a `datasets.DatasetDict` instead of the manifest.
     """
     if fetcher is None:
         fetcher = make_fetcher(source, mirror=mirror, progress=progress)
@@ -198,7 +201,7 @@ def prepare_dataset(
     for split in SPLITS:
         outputs[split] = f"{split}.jsonl"
         write_jsonl(out / outputs[split], prepared.splits[split])
-    from .. import __version__
+    from ..version import __version__
 
     manifest = {
         "dataset": name,
@@ -213,4 +216,8 @@ def prepare_dataset(
         "promptlab_version": __version__,
     }
     write_json(out / "manifest.json", manifest)
+    if as_dataset:
+        from datasets import Dataset, DatasetDict
+
+        return DatasetDict({split: Dataset.from_list(prepared.splits[split]) for split in SPLITS})
     return manifest

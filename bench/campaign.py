@@ -1,0 +1,199 @@
+"""Recipe campaign: each task trained the way a new user trains it, over seeds, scored on test, resumable.
+
+How to run (from the repository root; the real datasets through ``PROMPTLAB_DATA_MIRROR``):
+
+    PROMPTLAB_DATA_MIRROR=/path/to/datasets python bench/campaign.py --plan sentiment --shard 0/2 &
+    PROMPTLAB_DATA_MIRROR=/path/to/datasets python bench/campaign.py --plan sentiment --shard 1/2 &
+    python bench/campaign.py --report          # tables into bench/RESULTS.md, curves into bench/campaign_*.png
+
+Every run is the README path: ``model.add_task(task)`` (the method and options of the task's recipe in
+tasks.yaml, or the plan's override), ``TrainConfig.from_recipe(template, seed=...)``, ``Trainer.fit``
+(validation on a seeded sample of the validation split, best prompts kept), then `evaluate` on a seeded
+sample of the test split (all of it when it is small). One thread per process: two shards use two cores.
+
+Runs survive interruption: each writes its checkpoints under ``$PROMPTLAB_CAMPAIGN`` (default
+``~/.cache/promptlab/campaign``) and resumes from them; a finished run writes ``result.json`` and is skipped
+afterwards. ``--report`` needs only those files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import promptlab as pl  # noqa: E402
+from promptlab.data.prepare import prepare_dataset  # noqa: E402
+from promptlab.data.jsonl import read_jsonl  # noqa: E402
+from promptlab.evaluate import evaluate  # noqa: E402
+from promptlab.io import atomic_write_text  # noqa: E402
+from promptlab.metrics import primary_metric, primary_score  # noqa: E402
+
+SEEDS = (1, 2, 3)
+TEST_N = {"sentiment": 227, "intent_and_slot": 538, "squad": 600}  # records scored on test (a seeded sample)
+VAL_N = {"sentiment": 200, "intent_and_slot": 150, "squad": 100}  # scored at each validation
+
+# plan -> runs: (name, task, method options or None for the task's recipe, training overrides, seeds)
+PLANS = {
+    "sentiment": [
+        ("prompt tuning", "sentiment", {"method": "prompt_tuning"}, {}, SEEDS),
+        ("p-tuning", "sentiment", {"method": "p_tuning"}, {}, SEEDS),
+        ("deep prompt tuning", "sentiment", {"method": "deep_prompt_tuning", "num_virtual_tokens": 10}, {}, SEEDS),
+    ],
+    "intent_and_slot": [
+        ("deep prompt tuning (recipe)", "intent_and_slot", None, {"eval_every": 100}, SEEDS),
+        ("prompt tuning", "intent_and_slot", {"method": "prompt_tuning"}, {"eval_every": 100}, (1,)),
+    ],
+    "squad": [
+        ("p-tuning (recipe)", "squad", None, {"eval_every": 50}, SEEDS),
+        ("deep prompt tuning", "squad", {"method": "deep_prompt_tuning", "num_virtual_tokens": 15},
+         {"eval_every": 50}, (1,)),
+    ],
+}
+
+
+def campaign_dir() -> Path:
+    return Path(os.environ.get("PROMPTLAB_CAMPAIGN", Path.home() / ".cache" / "promptlab" / "campaign"))
+
+
+def run_id(name: str, task: str, seed: int) -> str:
+    return f"{task}--{name.replace(' ', '_').replace('(', '').replace(')', '')}--seed{seed}"
+
+
+def splits(task: str) -> dict[str, list[dict]]:
+    folder = common.data_dir() / f"campaign-{task}"
+    if not (folder / "manifest.json").is_file():
+        prepare_dataset(task, folder, source="remote", progress=False)
+    return {s: read_jsonl(folder / f"{s}.jsonl") for s in ("train", "validation", "test")}
+
+
+def interval(metric_values: list[float], seed: int = 0, rounds: int = 1000) -> tuple[float, float]:
+    """A 95% bootstrap interval of the mean of per-record scores."""
+    rng = random.Random(seed)
+    n = len(metric_values)
+    means = sorted(sum(rng.choice(metric_values) for _ in range(n)) / n for _ in range(rounds))
+    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
+def per_record(template, predictions: list[str], records: list[dict]) -> list[float]:
+    """Each record's own primary score (0..1), for the bootstrap."""
+    from promptlab.metrics import compute_task_metrics
+
+    return [primary_score(template, compute_task_metrics(template, [p], [r])) for p, r in zip(predictions, records)]
+
+
+def run(name: str, task: str, method: dict | None, overrides: dict, seed: int, base) -> dict:
+    out = campaign_dir() / run_id(name, task, seed)
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    data = splits(task)
+    tasks = pl.default_tasks()
+    template = tasks[task]
+    torch.manual_seed(seed)
+    model = pl.PromptLearningModel(base, tasks)
+    if method is None:
+        model.add_task(task)
+    else:
+        options = dict(method)
+        kind = options.pop("method")
+        {"prompt_tuning": model.add_prompt_tuning, "deep_prompt_tuning": model.add_deep_prompt_tuning,
+         "p_tuning": lambda t, **o: model.add_p_tuning([t], **o)}[kind](task, **options)
+    config = pl.TrainConfig.from_recipe(template, seed=seed, output_dir=str(out), progress=False,
+                                        eval_max_records=VAL_N[task], **overrides)
+    print(f"[{run_id(name, task, seed)}] {model.method_of(task)}, {config.max_steps} steps", flush=True)
+    history = pl.Trainer(model, data["train"], data["validation"], config).fit(resume=True)
+    test = random.Random(seed).sample(data["test"], min(TEST_N[task], len(data["test"])))
+    start = time.perf_counter()
+    results = evaluate(model, test)[task]
+    eval_seconds = time.perf_counter() - start
+    scores = per_record(template, results["predictions"], test)
+    steps = [h for h in history if "loss" in h]
+    result = {
+        "name": name, "task": task, "seed": seed, "method": model.method_of(task),
+        "metrics": {k: v for k, v in results.items() if isinstance(v, (int, float))},
+        "primary": primary_metric(template), "score": primary_score(template, results),
+        "interval95": interval(scores, seed), "n": len(test),
+        "steps": len(steps), "tokens": sum(h["tokens"] for h in steps),
+        "train_seconds": sum(h["seconds"] for h in history), "test_seconds": eval_seconds,
+        "precision": str(base.dtype).replace("torch.", ""), "config": vars(config),
+        "curve": curve(history),
+        "command": f"python bench/campaign.py --plan {task}",
+    }
+    atomic_write_text(done, json.dumps(result, indent=1, default=str))
+    (out / "checkpoint.safetensors").unlink(missing_ok=True)  # the result is all that is needed now
+    return result
+
+
+def curve(history: list[dict]) -> list[dict]:
+    """Validation score against cumulative wall time (training and validation both counted)."""
+    elapsed, points = 0.0, []
+    for h in history:
+        elapsed += h.get("seconds", 0.0)
+        if "val/score" in h:
+            points.append({"step": h["step"], "seconds": round(elapsed, 1), "score": h["val/score"]})
+    return points
+
+
+def plan_runs(plans: list[str]) -> list[tuple]:
+    return [(name, task, method, overrides, seed) for p in plans for (name, task, method, overrides, seeds) in PLANS[p]
+            for seed in seeds]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--plan", nargs="*", default=[], choices=sorted(PLANS))
+    parser.add_argument("--shard", default="0/1", help="i/k: run every k-th run starting at i")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args(argv)
+    if args.plan:
+        torch.set_num_threads(1)
+        index, count = (int(x) for x in args.shard.split("/"))
+        runs = plan_runs(args.plan)[index::count]
+        base = pl.load_base_model("embedded")
+        for name, task, method, overrides, seed in runs:
+            result = run(name, task, method, overrides, seed, base)
+            print(f"  -> {result['primary']} {result['score']:.3f} on {result['n']} test records "
+                  f"({result['train_seconds']:.0f} s training)", flush=True)
+    if args.report:
+        report()
+    return 0
+
+
+def report() -> None:
+    results = [json.loads(p.read_text()) for p in sorted(campaign_dir().glob("*/result.json"))]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["name"]), []).append(r)
+    rows = []
+    for (task, name), rs in sorted(groups.items()):
+        scores = [r["score"] for r in rs]
+        mean = sum(scores) / len(scores)
+        spread = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) if len(scores) > 1 else None
+        lo, hi = rs[0]["interval95"]
+        rows.append({"task": task, "method": name, "metric": rs[0]["primary"],
+                     "score": f"{mean:.3f}" + (f" ± {spread:.3f}" if spread is not None else f" [{lo:.3f}, {hi:.3f}]"),
+                     "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)"),
+                     "n test": rs[0]["n"], "steps": rs[0]["steps"],
+                     "tokens": rs[0]["tokens"], "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),
+                     "precision": rs[0]["precision"]})
+    text = ("Each row: mean ± sample standard deviation over the seeds (single runs: a 95% bootstrap interval "
+            "over test records instead), on a seeded sample of the test split; training through the README "
+            "path (`add_task`, `TrainConfig.from_recipe`), validation-selected prompts. Wall time on this CPU, "
+            "one thread, at the precision shown. Command: `python bench/campaign.py --plan TASK`, then "
+            "`--report`.\n\n" + common.md_table(rows, list(rows[0]) if rows else ["task"]))
+    common.write_section("campaign", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
