@@ -39,12 +39,29 @@ def _load(args, base=None):
                                max_seq_length=args.max_seq_length)
 
 
+def _read_records(spec: str, task: str | None, tasks, with_answer: bool = True) -> list[dict]:
+    """``--data``/``--input``: a JSON Lines file of records (each with its taskname), or with ``--task`` (or
+    a column mapping) any CSV/JSON/JSON Lines/Parquet file: ``PATH[:field=column,...]``."""
+    from .data.jsonl import read_jsonl
+    from .data.sources import parse_data_argument, records_from
+
+    path, columns = parse_data_argument(spec)
+    if task is None and not columns and Path(path).suffix.lower() == ".jsonl":
+        return read_jsonl(path)
+    if task is None:
+        raise PromptlabError(f"{spec}: name the task its rows belong to with --task (only JSON Lines records "
+                             f"carry their own taskname)")
+    if task not in tasks:
+        raise PromptlabError(f"--task {task!r} is not a task of this model; known: {sorted(tasks)}")
+    return records_from(path, task, columns, template=tasks[task], with_answer=with_answer)
+
+
 def _cmd_generate(args) -> None:
-    from .data.jsonl import read_jsonl, write_jsonl
+    from .data.jsonl import write_jsonl
     from .evaluate import answer_text
 
     model = _load(args)
-    records = read_jsonl(args.input)
+    records = _read_records(args.input, args.task, model.tasks, with_answer=False)
     texts = model.generate(records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            stop=args.stop or None)
     # the answer as `evaluate` scores it, whatever whitespace the template put before it
@@ -54,29 +71,28 @@ def _cmd_generate(args) -> None:
 
 def _cmd_evaluate(args) -> None:
     from .baselines import baseline_model
-    from .data.jsonl import read_jsonl
     from .evaluate import evaluate, sample_per_task
     from .io import atomic_write_text
     from .metrics import format_metrics_table
     from .models import load_base_model
 
-    records = read_jsonl(args.data)
-    if args.max_records:
-        records = sample_per_task(records, args.max_records)
     if args.baseline:
-        from .templates import default_tasks
+        from .templates import default_tasks, load_tasks
 
         base = load_base_model(args.model)
-        tasks = default_tasks()
+        tasks = load_tasks(args.tasks) if args.tasks else default_tasks()
         if args.prompts:
             table = _load(args, base).prompt_table
             tasks.update({t: table.entry(t).template for t in table})
-        train = read_jsonl(args.train) if args.train else None
+        train = _read_records(args.train, args.task, tasks) if args.train else None
         model = baseline_model(base, tasks, args.baseline, train, k=args.shots)
     else:
         if not args.prompts:
             raise PromptlabError("evaluate needs --prompts FILE (or --baseline zero-shot|few-shot)")
         model = _load(args)
+    records = _read_records(args.data, args.task, model.tasks)
+    if args.max_records:
+        records = sample_per_task(records, args.max_records)
     results = evaluate(model, records, batch_size=args.batch_size)
     print(format_metrics_table(results))
     if args.output:
@@ -87,11 +103,13 @@ def _cmd_evaluate(args) -> None:
 def _cmd_table(args) -> None:
     from .table import PromptTable
 
+    if args.action in ("export-peft", "import-peft"):
+        return _peft(args)
     table = PromptTable.load(args.path)
     if args.action == "list":
         print(f"{args.path}: base model {table.base_model}, hidden size {table.hidden_size}, {len(table)} task(s)")
         for row in table.describe():
-            print(f"  {row['task']:<20} {row['method']:<14} {row['virtual_tokens']:>3} virtual tokens "
+            print(f"  {row['task']:<20} {row['method']:<18} {row['virtual_tokens']:>3} virtual tokens "
                   f"(splits {row['splits']}), mean norm {row['mean_norm']}")
     elif args.action == "show":
         if not args.task:
@@ -106,6 +124,33 @@ def _cmd_table(args) -> None:
         table.remove(args.task)
         table.save(args.path)
         print(f"removed {args.task!r} from {args.path}; left: {table.tasks()}")
+
+
+def _peft(args) -> None:
+    """``table export-peft TABLE TASK DIR`` and ``table import-peft TABLE TASK DIR``."""
+    from .adapters import export_peft, import_peft
+    from .models import load_base_model
+    from .table import PromptTable
+    from .templates import load_tasks
+
+    if not args.task or not args.dir:
+        raise PromptlabError(f"table {args.action} needs TABLE TASK DIR")
+    base = load_base_model(args.model, verbose=False)
+    if args.action == "export-peft":
+        table = PromptTable.load(args.path, base)
+        out = export_peft(table, args.task, args.dir, base)
+        print(f"wrote the {table.entry(args.task).method} prompt of {args.task!r} as a PEFT adapter: {out}")
+        return
+    table = PromptTable.load(args.path, base) if Path(args.path).exists() else PromptTable.for_base(base)
+    template = None
+    if args.tasks:
+        tasks = load_tasks(args.tasks)
+        if args.task not in tasks:
+            raise PromptlabError(f"{args.tasks}: no task {args.task!r}; it defines {sorted(tasks)}")
+        template = tasks[args.task]
+    import_peft(args.dir, base, table, args.task, template=template, replace=args.replace)
+    table.save(args.path)
+    print(f"imported {args.dir} as {table.entry(args.task).method} task {args.task!r} into {args.path}")
 
 
 def _cmd_demo(args) -> None:
@@ -143,22 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-seq-length", type=int, default=1024)
         s.set_defaults(func=func)
     gen = sub.choices["generate"]
-    gen.add_argument("--input", required=True)
+    data_help = ("PATH[:field=column,...]: JSON Lines records with their taskname, or with --task any "
+                 ".csv/.tsv/.json/.jsonl/.parquet file whose columns map to the template's fields")
+    for parser in (sub.choices["generate"], sub.choices["evaluate"]):
+        parser.add_argument("--task", help="the task of every row of --data/--input (files without a taskname)")
+    gen.add_argument("--input", required=True, help=data_help)
     gen.add_argument("--output", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=30)
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     ev = sub.choices["evaluate"]
-    ev.add_argument("--data", required=True, help="JSONL records with answers")
+    ev.add_argument("--data", required=True, help=data_help + " (with answers)")
+    ev.add_argument("--tasks", help="baselines: a task YAML (default: the tutorial tasks)")
     ev.add_argument("--baseline", choices=["zero-shot", "few-shot"], help="score the frozen model without learned prompts")
     ev.add_argument("--train", help="few-shot: JSONL records to take examples from")
     ev.add_argument("--shots", type=int, default=3)
     ev.add_argument("--max-records", type=int, default=0, help="score at most N records per task (0: all)")
     ev.add_argument("--output", help="write metrics and predictions as JSON")
 
-    s = sub.add_parser("table", help="list, show or remove tasks of a prompt table file")
-    s.add_argument("action", choices=["list", "show", "remove"])
-    s.add_argument("path")
+    s = sub.add_parser("table", help="list, show or remove tasks of a prompt table file; export a task as a "
+                                     "PEFT adapter or import one")
+    s.add_argument("action", choices=["list", "show", "remove", "export-peft", "import-peft"])
+    s.add_argument("path", help="the prompt table file")
     s.add_argument("task", nargs="?")
+    s.add_argument("dir", nargs="?", help="export-peft/import-peft: the adapter directory")
+    s.add_argument("--model", default="embedded", help="export-peft/import-peft: the base model")
+    s.add_argument("--tasks", help="import-peft: a task YAML holding the task's template")
+    s.add_argument("--replace", action="store_true", help="import-peft: overwrite a task of that name")
     s.set_defaults(func=_cmd_table)
 
     s = sub.add_parser("demo", help="the whole story on the embedded model; writes a report")

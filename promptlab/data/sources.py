@@ -46,7 +46,8 @@ def as_records(data: Sequence[Mapping[str, Any]] | Any, where: str = "records") 
     return list(data)
 
 
-def records_from(source, taskname: str, columns: Mapping[str, str] | None = None, template=None) -> list[dict[str, Any]]:
+def records_from(source, taskname: str, columns: Mapping[str, str] | None = None, template=None,
+                 with_answer: bool = True) -> list[dict[str, Any]]:
     """Records of ``taskname`` from a `datasets.Dataset`, a data file, or a list of dicts.
 
     Args:
@@ -54,6 +55,7 @@ def records_from(source, taskname: str, columns: Mapping[str, str] | None = None
         taskname: the task every record belongs to (set as its ``taskname``).
         columns: {template field: source column}; other fields are read from the column of the same name.
         template: the task's `TaskTemplate`, to check up front that every field it needs has a column.
+        with_answer: the answer field is needed too (training, scoring); off for generation.
     Raises DataError naming the source and the missing column(s).
     """
     where = str(source) if isinstance(source, (str, Path)) else type(source).__name__
@@ -63,7 +65,8 @@ def records_from(source, taskname: str, columns: Mapping[str, str] | None = None
     columns = dict(columns or {})
     missing = sorted(c for c in columns.values() if c not in available)
     if template is not None:
-        missing += sorted(f for f in template.fields if f not in columns and f not in available)
+        needed = template.fields if with_answer else template.input_fields
+        missing += sorted(f for f in needed if f not in columns and f not in available)
     if missing:
         raise DataError(f"{where}: no column(s) {missing} for task {taskname!r}; the columns are {available}"
                         + ("" if not columns else f" (mapping {columns})"))
