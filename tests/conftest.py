@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models (Llama-style and GPT-2-style) with the real tokenizer, fixed seeds."""
+"""Shared fixtures: tiny random models (Llama-style and GPT-2-style) with promptlab's own small tokenizer
+(`promptlab.tiny_tokenizer`, so no model wheel is needed), fixed seeds."""
 import os
 
 import pytest

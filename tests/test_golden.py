@@ -1,9 +1,11 @@
 """Golden numbers: the first training losses and the first generated token ids, on both tiny architectures.
 
 The tiny models' weights are set by promptlab itself (`promptlab.models._tiny`: one seeded generator, not
-transformers' initialisation), so these numbers survive a new transformers version; if one moves, the
-maths of training or generation changed. Everything is float32. The values were computed once by this
-file: ``python tests/test_golden.py`` prints the current ones (paste them below only after an intended change).
+transformers' initialisation) and so is their tokenizer (`promptlab.tiny_tokenizer`: merges learnt in plain
+Python from the project's own text), so these numbers survive a new transformers or tokenizers version;
+if one moves, the maths of training or generation changed. Everything is float32. The values were computed
+once by this file: ``python tests/test_golden.py`` prints the current ones (paste them below only after an
+intended change).
 """
 from __future__ import annotations
 
@@ -15,21 +17,21 @@ import torch
 import promptlab as pl
 
 # Summing in another order (packing off, or 2 threads) moves these losses by <1e-7 relative; a loss near
-# ln(vocab) ~ 10.8 then leaves 1e-4 of room, while a step with a wrong update moves it by ~0.1.
+# ln(vocab) ~ 7.7 (promptlab's tiny tokenizer: 2,148 tokens) then leaves 8e-5 of room, while a step with a
+# wrong update moves it by ~0.1.
 RTOL = 1e-5
 
 # first 5 optimizer steps of `golden_run`: prompt tuning (sentiment) + LSTM p-tuning (intent_and_slot)
 GOLDEN_LOSSES = {
-    "tiny": [10.784672737121582, 10.855565071105957, 10.69058609008789, 10.546092987060547, 10.468003273010254],
-    "tiny-gpt2": [10.784597396850586, 11.006300926208496, 10.579670906066895, 10.412518501281738,
-                  10.523751258850098],
+    "tiny": [7.70673942565918, 7.689732074737549, 7.634243488311768, 7.481912136077881, 7.395925998687744],
+    "tiny-gpt2": [7.667015075683594, 7.58840799331665, 7.51646089553833, 7.389122009277344, 7.317471981048584],
 }
 # greedy token ids of `GEN_RECORDS` (one record per call), from the untrained prompts
 GOLDEN_TOKENS = {
-    "tiny": [[30601, 3180, 29829, 12351, 29451, 12411], [10016, 35638, 21213, 45215, 10199, 29504],
-             [33515, 8456, 42500, 34634, 2973, 45976]],
-    "tiny-gpt2": [[28769, 9045, 42881, 8172, 45057, 22988], [45324, 18607, 37171, 16883, 20590, 34424],
-                  [39276, 42040, 48604, 15705, 45057, 48604]],
+    "tiny": [[910, 910, 910, 1301, 1857, 1683], [898, 2091, 116, 999, 1750, 1291],
+             [1631, 1028, 910, 968, 1683, 1683]],
+    "tiny-gpt2": [[1267, 1273, 1379, 128, 960, 79], [1273, 453, 1964, 1249, 1273, 307],
+                  [453, 643, 1933, 1458, 754, 540]],
 }
 STEPS = 5
 NEW_TOKENS = 6

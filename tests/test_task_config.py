@@ -1,7 +1,6 @@
 """A task is its configuration: a task defined only in YAML trains by its recipe, is scored by its own
 metric with its own label ranking, and mixes with the tutorial tasks in one generated batch."""
 import pytest
-import torch
 
 import promptlab as pl
 from promptlab.evaluate import evaluate
