@@ -28,6 +28,7 @@ class TrainState:
     best_step: int | None = None
     best_params: dict[str, torch.Tensor] | None = None
     evals_without_improvement: int = 0
+    total_steps: int | None = None  # the step budget a time budget decided (None: max_steps)
 
 
 def save_checkpoint(path: Path, model, optimizer, state, config_key: dict, scaler=None) -> None:
@@ -49,6 +50,7 @@ def save_checkpoint(path: Path, model, optimizer, state, config_key: dict, scale
     groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
     meta = {"format": FORMAT, "step": state.step, "history": state.history, "best_score": state.best_score,
             "best_step": state.best_step, "evals_without_improvement": state.evals_without_improvement,
+            "total_steps": state.total_steps,
             "config": config_key, "spec": model.trainable_spec(), "param_groups": groups,
             "sha256": {k: tensor_sha256(v) for k, v in tensors.items()}}
     save_checksummed(path, tensors, META_KEY, meta)
@@ -59,6 +61,7 @@ def _check_meta(path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     check_tensor_sums(path, tensors, meta.get("sha256"), CheckpointError)
     ok = (isinstance(meta.get("step"), int) and meta["step"] >= 0 and isinstance(meta.get("history"), list)
           and (meta.get("best_step") is None or isinstance(meta["best_step"], int))
+          and (meta.get("total_steps") is None or isinstance(meta["total_steps"], int))
           and (meta.get("best_score") is None or isinstance(meta["best_score"], (int, float)))
           and isinstance(meta.get("evals_without_improvement"), int)
           and isinstance(meta.get("param_groups"), list) and all(isinstance(g, dict) for g in meta["param_groups"])
@@ -135,4 +138,5 @@ def load_checkpoint(path: Path, model, optimizer, config_key: dict, scaler=None)
         torch.cuda.set_rng_state_all(cuda)
     return TrainState(step=meta["step"], history=meta["history"], best_score=meta["best_score"],
                       best_step=meta["best_step"], best_params=best or None,
-                      evals_without_improvement=meta["evals_without_improvement"])
+                      evals_without_improvement=meta["evals_without_improvement"],
+                      total_steps=meta.get("total_steps"))

@@ -32,6 +32,10 @@ class TrainConfig:
 
     Attributes:
         max_steps: optimizer steps.
+        max_time: a wall-time budget in seconds (None: none). After its first ``CALIBRATION_STEPS`` steps the
+            run measures its step time and trains as many steps as fit, at most max_steps, with the
+            schedule shortened to match; the decision is printed and kept in checkpoints. Validation time
+            is not counted. For notebooks on machines of unknown speed.
         batch_size: examples per process per micro-batch.
         grad_accum: micro-batches per optimizer step.
         lr: learning rate of the vectors that live in embedding space: prompt-tuning prompts and the
@@ -39,7 +43,7 @@ class TrainConfig:
         p_tuning_lr: learning rate of the p-tuning encoders' network weights (LSTM / MLP).
         deep_prompt_lr: learning rate of deep prompts (their prefixes, or their MLP and its inputs).
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warmup steps; None: 10% of max_steps.
+        warmup_steps: linear warmup steps; None: 10% of the run's steps (max_steps, or the time budget's).
         min_lr_ratio: the cosine schedule decays to lr * min_lr_ratio.
         max_grad_norm: gradient clipping (0 or None: off).
         max_seq_length: longer examples are truncated (truncate_field) or skipped.
@@ -61,6 +65,7 @@ class TrainConfig:
     """
 
     max_steps: int = 150
+    max_time: float | None = None
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-2
@@ -95,6 +100,9 @@ class TrainConfig:
                     isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)):
                 raise ConfigError(f"TrainConfig.{name} must be a number, got {value!r} ({type(value).__name__}); "
                                   f"note YAML reads 1e-3 as text: write 1.0e-3")
+        if self.max_time is not None and (isinstance(self.max_time, bool) or not isinstance(self.max_time, (int, float))
+                                          or not self.max_time > 0):
+            raise ConfigError(f"TrainConfig.max_time must be a positive number of seconds or None, got {self.max_time!r}")
         if self.lr <= 0 or self.p_tuning_lr <= 0 or self.deep_prompt_lr <= 0:
             raise ConfigError("TrainConfig learning rates must be positive")
         if self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -136,8 +144,11 @@ class TrainConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to continue this run exactly."""
-        ignore = {"output_dir", "progress", "checkpoint_every", "eval_batch_size"}
+        ignore = {"output_dir", "progress", "checkpoint_every", "eval_batch_size", "max_time"}  # a budget decided is kept
         return {k: v for k, v in asdict(self).items() if k not in ignore}
+
+
+CALIBRATION_STEPS = 3  # steps timed before a time budget decides how many steps the run takes
 
 
 def lr_multiplier(step: int, max_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -238,18 +249,22 @@ class Trainer:
                   + (" with loss scaling" if self.scaler else "") + "; prompts and optimizer state in fp32")
         self._broadcast_parameters()
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="training",
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training",
                    disable=not (cfg.progress and self.accelerator.is_main_process))
         # a resumed run that had early-stopped stays stopped, as one that reached max_steps does
         stop = (cfg.early_stopping_patience is not None
                 and self.state.evals_without_improvement >= cfg.early_stopping_patience)
-        while self.state.step < cfg.max_steps and not stop:
+        while self.state.step < self.total_steps and not stop:
             record = self.train_step(self.state.step)
             self.state.step += 1
             self.state.history.append(record)
+            if cfg.max_time is not None and self.state.total_steps is None \
+                    and self.state.step == min(CALIBRATION_STEPS, cfg.max_steps):
+                self._fit_budget()
+                bar.total = self.total_steps
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            last = self.state.step == cfg.max_steps
+            last = self.state.step == self.total_steps
             if (cfg.eval_every and self.state.step % cfg.eval_every == 0) or last:
                 stop = self._validate()
             if cfg.output_dir and ((cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0)
@@ -261,13 +276,34 @@ class Trainer:
         self.model.eval()
         return self.state.history
 
+    @property
+    def total_steps(self) -> int:
+        """The steps this run trains: max_steps, or what the time budget allows once it is measured."""
+        return self.state.total_steps or self.config.max_steps
+
+    def _fit_budget(self) -> None:
+        """Set the step budget from the time budget and the step time measured so far (every process
+        takes the smallest, so they all stop together)."""
+        steps = [h for h in self.state.history if "loss" in h]
+        per_step = sum(h["seconds"] for h in steps) / len(steps)
+        budget = torch.tensor(max(self.state.step, min(self.config.max_steps, int(self.config.max_time / per_step))))
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            budget = budget.to(self.model.base.device)
+            dist.all_reduce(budget, op=dist.ReduceOp.MIN)
+        self.state.total_steps = int(budget)
+        self._say(f"time budget {self.config.max_time:.0f} s at {per_step:.2f} s per step: "
+                  f"{self.state.total_steps} of {self.config.max_steps} steps")
+
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over the step's global micro-batches; returns its history record."""
         cfg, acc, model = self.config, self.accelerator, self.model
         start = time.perf_counter()
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 10)
+        total = self.total_steps
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 10)
         for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_multiplier(step, cfg.max_steps, warmup, cfg.min_lr_ratio)
+            g["lr"] = g["base_lr"] * lr_multiplier(step, total, warmup, cfg.min_lr_ratio)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         micro = self._step_batches(step)
         tokens = sum(self._label_count(idx) for idx in micro)  # labelled tokens in the global step

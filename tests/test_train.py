@@ -489,3 +489,31 @@ def test_early_stopping_stops_when_validation_cannot_improve(tiny_base, tasks, t
     # without patience the same run goes on to max_steps
     endless = Trainer(make_model(tiny_base, tasks), train, val, config(max_steps=5, eval_every=1, lr=1e-12))
     assert [h["step"] for h in endless.fit() if "loss" in h] == [1, 2, 3, 4, 5]
+
+
+def test_time_budget_sets_the_steps_after_measuring_and_resumes_with_them(tiny_base, tasks, tmp_path, capsys,
+                                                                         monkeypatch):
+    """max_time: after 3 timed steps the run takes the steps that fit (at most max_steps), the schedule ends
+    with them, and a resumed run keeps the budget. Step times are pinned to 1 s to make the test exact."""
+    timed = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, step: {**timed(self, step), "seconds": 1.0})
+    records = sentiment_records(16, 0)
+
+    def run(out, max_time=6.5):
+        return Trainer(make_model(tiny_base, tasks), records, None,
+                       config(max_steps=40, max_time=max_time, output_dir=str(tmp_path / out), checkpoint_every=1))
+
+    budgeted = run("a")
+    history = [h for h in budgeted.fit() if "loss" in h]
+    assert budgeted.state.total_steps == 6 and len(history) == 6
+    assert "time budget 6 s at 1.00 s per step: 6 of 40 steps" in capsys.readouterr().out
+    # after the budget is known the cosine runs to it: step 5 of 6 is its last point
+    assert history[-1]["lr"] == pytest.approx(0.1 * lr_multiplier(5, 6, 1, 0.1))
+    resumed = run("a")
+    resumed.fit(resume=True)
+    assert resumed.state.total_steps == 6 and resumed.state.step == 6  # the budget came back from the checkpoint
+    assert [h for h in run("b", max_time=1e-3).fit() if "loss" in h][-1]["step"] == 3  # never fewer than were timed
+    long = Trainer(make_model(tiny_base, tasks), records, None, config(max_steps=5, max_time=1e6))
+    assert len([h for h in long.fit() if "loss" in h]) == 5 and long.state.total_steps == 5
+    with pytest.raises(ConfigError, match="max_time must be a positive number"):
+        config(max_time=0)
