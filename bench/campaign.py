@@ -36,7 +36,7 @@ from promptlab.data.prepare import prepare_dataset  # noqa: E402
 from promptlab.data.jsonl import read_jsonl  # noqa: E402
 from promptlab.evaluate import evaluate  # noqa: E402
 from promptlab.io import atomic_write_text  # noqa: E402
-from promptlab.metrics import primary_metric, primary_score  # noqa: E402
+from promptlab.metrics import bootstrap_interval, primary_metric, primary_score  # noqa: E402
 
 SEEDS = (1, 2, 3)
 TEST_N = {"sentiment": 227, "intent_and_slot": 538, "squad": 600}  # records scored on test (a seeded sample)
@@ -74,14 +74,6 @@ def splits(task: str) -> dict[str, list[dict]]:
     if not (folder / "manifest.json").is_file():
         prepare_dataset(task, folder, source="remote", progress=False)
     return {s: read_jsonl(folder / f"{s}.jsonl") for s in ("train", "validation", "test")}
-
-
-def interval(metric_values: list[float], seed: int = 0, rounds: int = 1000) -> tuple[float, float]:
-    """A 95% bootstrap interval of the mean of per-record scores."""
-    rng = random.Random(seed)
-    n = len(metric_values)
-    means = sorted(sum(rng.choice(metric_values) for _ in range(n)) / n for _ in range(rounds))
-    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
 def per_record(template, predictions: list[str], records: list[dict]) -> list[float]:
@@ -122,7 +114,7 @@ def run(name: str, task: str, method: dict | None, overrides: dict, seed: int, b
         "name": name, "task": task, "seed": seed, "method": model.method_of(task),
         "metrics": {k: v for k, v in results.items() if isinstance(v, (int, float))},
         "primary": primary_metric(template), "score": primary_score(template, results),
-        "interval95": interval(scores, seed), "n": len(test),
+        "interval95": bootstrap_interval(scores, seed), "n": len(test),
         "steps": len(steps), "tokens": sum(h["tokens"] for h in steps),
         "train_seconds": sum(h["seconds"] for h in history), "test_seconds": eval_seconds,
         "precision": str(base.dtype).replace("torch.", ""), "config": vars(config),
@@ -190,9 +182,31 @@ def report() -> None:
             "over test records instead), on a seeded sample of the test split; training through the README "
             "path (`add_task`, `TrainConfig.from_recipe`), validation-selected prompts. Wall time on this CPU, "
             "one thread, at the precision shown. Command: `python bench/campaign.py --plan TASK`, then "
-            "`--report`.\n\n" + common.md_table(rows, list(rows[0]) if rows else ["task"]))
+            "`--report`. The machine ran other jobs during these runs (tests, a second shard): wall times are upper "
+            "bounds.\n\n" + common.md_table(rows, list(rows[0]) if rows else ["task"]))
     common.write_section("campaign", text)
     print(text)
+    for task in sorted({r["task"] for r in results}):
+        plot_curves(task, {name: rs for (t, name), rs in groups.items() if t == task})
+
+
+def plot_curves(task: str, runs: dict[str, list[dict]]) -> None:
+    """bench/campaign_TASK.png: validation score against wall time (training and validation counted), one
+    line per run, a colour per method."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, rs) in enumerate(sorted(runs.items())):
+        for j, r in enumerate(rs):
+            points = r["curve"]
+            ax.plot([p["seconds"] / 60 for p in points], [p["score"] for p in points], "o-", color=f"C{i}",
+                    alpha=0.8, label=name if j == 0 else None)
+    ax.set_xlabel("wall time on this CPU, one thread (minutes)")
+    ax.set_ylabel(f"validation {runs[next(iter(runs))][0]['primary']}")
+    ax.set_title(f"{task}: validation score against time (one line per seed)")
+    ax.legend(fontsize=8)
+    fig.savefig(common.BENCH / f"campaign_{task}.png", dpi=110)
 
 
 if __name__ == "__main__":

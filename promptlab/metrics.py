@@ -10,6 +10,8 @@ Every metric this module returns is "higher is better" (see `higher_is_better`).
 
 from __future__ import annotations
 
+import math
+import random
 import re
 import string
 from collections import Counter
@@ -362,6 +364,33 @@ def higher_is_better(metric_name: str) -> bool:
     the trainer logs next to them.
     """
     return not metric_name.rsplit("/", 1)[-1].endswith("loss")
+
+
+# --------------------------------------------------------------------------------------------------
+# uncertainty
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default): for an accuracy of ``successes`` out of
+    ``n`` records. Unlike mean +- 2 SE it stays inside [0, 1] and behaves near 0 and 1."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one record")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(values: Sequence[float], seed: int = 0, rounds: int = 1000,
+                       level: float = 0.95) -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean of per-record scores (e.g. SQuAD F1 per question)."""
+    if not values:
+        raise ValueError("an interval needs at least one record")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(rounds))
+    tail = (1 - level) / 2
+    return means[int(tail * rounds)], means[min(rounds - 1, int((1 - tail) * rounds))]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -289,3 +289,17 @@ def test_format_metrics_table():
     assert cells[2] == ["sentiment", "0.8750", "0.8000", "-", "-", "8"]
     assert cells[3] == ["squad", "-", "-", "50.0000", "62.5000", "2"]
     assert len({len(line) for line in lines}) == 1  # padded: columns line up as plain text
+
+
+def test_intervals():
+    from promptlab.metrics import bootstrap_interval, wilson_interval
+
+    low, high = wilson_interval(200, 227)
+    assert low == pytest.approx(0.8325, abs=1e-4) and high == pytest.approx(0.9170, abs=1e-4)  # worked by hand
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    values = [1.0] * 90 + [0.0] * 10
+    low, high = bootstrap_interval(values, seed=1)
+    assert low < 0.9 < high and high - low < 0.15
+    assert bootstrap_interval(values, seed=1) == bootstrap_interval(values, seed=1)  # seeded
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
