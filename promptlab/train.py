@@ -306,18 +306,26 @@ class Trainer:
             g["lr"] = g["base_lr"] * lr_multiplier(step, total, warmup, cfg.min_lr_ratio)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         micro = self._step_batches(step)
-        tokens = sum(self._label_count(idx) for idx in micro)  # labelled tokens in the global step
+        names = model.training_tasks()
+        task_tokens = dict.fromkeys(names, 0)  # labelled tokens of each task in the global step
+        for i in (i for idx in micro for i in idx):
+            task_tokens[self.examples[i].taskname] += self._label_count([i])
+        tokens = sum(task_tokens.values())
         loss_sum = torch.zeros((), device=model.base.device)
+        task_sums = torch.zeros(len(names), device=model.base.device)  # summed token losses per task
         for idx in micro:
             mine = idx[acc.process_index :: acc.num_processes]  # this process's share
             if not mine:
                 continue
             batch = collate([self.examples[i] for i in mine], model.tokenizer.pad_token_id, "right")
             with acc.autocast():
-                loss = model(batch, reduction="sum") / tokens
+                row_sums = model(batch, reduction="none") * (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # (B,)
+                loss = row_sums.sum() / tokens
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
-        self._sync_gradients(params, loss_sum)
+            rows = torch.tensor([names.index(t) for t in batch["tasknames"]], device=task_sums.device)
+            task_sums.index_add_(0, rows, row_sums.detach().float())
+        self._sync_gradients(params, loss_sum, task_sums)
         if not bool(torch.isfinite(loss_sum)):
             hint = ("fp16 overflowed: train in fp32 or bf16 (load_base_model(..., dtype='fp32'), or 'bf16' on "
                     "hardware that has it)" if self.precision == "fp16" else
@@ -334,8 +342,11 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # each task's own mean loss per labelled token this step (tasks absent from the step are left out)
+        task_loss = {t: s / task_tokens[t] for t, s in zip(names, task_sums.tolist()) if task_tokens[t]}
         return {"step": step + 1, "loss": loss_sum.item(), "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm), "tokens": tokens, "seconds": time.perf_counter() - start}
+                "grad_norm": float(grad_norm), "tokens": tokens, "task_loss": task_loss,
+                "seconds": time.perf_counter() - start}
 
     def _label_count(self, idx: list[int]) -> int:
         return sum(sum(1 for t in self.examples[i].labels[1:] if t != IGNORE_INDEX) for i in idx)
@@ -351,8 +362,8 @@ class Trainer:
             for p in (p for g in self.optimizer.param_groups for p in g["params"]):
                 dist.broadcast(p.data, src=0)
 
-    def _sync_gradients(self, params: list[torch.Tensor], loss_sum: torch.Tensor) -> None:
-        """Sum prompt gradients (and the loss) over processes: the only communication of a step.
+    def _sync_gradients(self, params: list[torch.Tensor], loss_sum: torch.Tensor, task_sums: torch.Tensor) -> None:
+        """Sum prompt gradients (and the loss, overall and per task) over processes: the only communication of a step.
 
         A parameter that got no gradient on any process (its task was in no example of the global batch)
         keeps ``grad=None`` so the optimizer skips it, exactly as one process would; a zero gradient
@@ -371,6 +382,7 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
         dist.all_reduce(loss_sum)
+        dist.all_reduce(task_sums)
 
     # ------------------------------------------------------------------------------------ validation
     @torch.no_grad()

@@ -517,3 +517,19 @@ def test_time_budget_sets_the_steps_after_measuring_and_resumes_with_them(tiny_b
     assert len([h for h in long.fit() if "loss" in h]) == 5 and long.state.total_steps == 5
     with pytest.raises(ConfigError, match="max_time must be a positive number"):
         config(max_time=0)
+
+
+def test_each_step_records_every_tasks_own_loss(tiny_base, tasks):
+    """Tasks trained together get their own loss curves: per step, each task's mean loss per labelled token;
+    weighted by their tokens they give the step's loss."""
+    model = make_model(tiny_base, tasks, p_tuning=True)
+    records = sentiment_records(8, 0) + [
+        {"taskname": "intent_and_slot", "utterance": f"wake me at {i}", "label": f"Intent: alarm_set\nSlots: time({i})"}
+        for i in range(8)]
+    trainer = Trainer(model, records, None, config(max_steps=4, batch_size=8, group_by_length=False))
+    for step in [h for h in trainer.fit() if "loss" in h]:
+        per_task = step["task_loss"]
+        assert set(per_task) <= {"sentiment", "intent_and_slot"} and per_task
+        counts = {t: sum(trainer._label_count([i]) for b in trainer._step_batches(step["step"] - 1) for i in b
+                         if trainer.examples[i].taskname == t) for t in per_task}
+        assert sum(per_task[t] * counts[t] for t in per_task) / sum(counts.values()) == pytest.approx(step["loss"], rel=1e-5)
