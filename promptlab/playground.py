@@ -14,6 +14,14 @@ def playground_tasks(model) -> list[str]:
     return [name for name, t in model.tasks.items() if name in ready or t.total_virtual_tokens == 0]
 
 
+def _prompt_of(model, task: str) -> tuple[str, int]:
+    """(method, virtual tokens) of a task's prompt: input positions, or a deep prompt's prefix length."""
+    if task not in set(model.training_tasks()) | set(model.prompt_table.tasks()):
+        return "none", 0
+    prefix = model.prefix(task)
+    return model.method_of(task), (prefix.shape[2] if prefix is not None else model.tasks[task].total_virtual_tokens)
+
+
 def playground_answer(model, task: str, fields: Mapping[str, str], max_new_tokens: int | None = None) -> dict:
     """Generate one answer for ``task`` from its input ``fields`` and describe the virtual tokens used.
 
@@ -37,8 +45,7 @@ def playground_answer(model, task: str, fields: Mapping[str, str], max_new_token
     answer = predict(model, [record], budget, batch_size=1)[0]
     return {"task": task, "record": record, "answer": answer,
             "rendered": template.render(record, with_answer=False),
-            "method": model.method_of(task) if template.total_virtual_tokens else "none",
-            "virtual_tokens": template.total_virtual_tokens,
+            "method": _prompt_of(model, task)[0], "virtual_tokens": _prompt_of(model, task)[1],
             "splits": list(template.virtual_token_splits), "max_new_tokens": budget}
 
 
@@ -95,9 +102,9 @@ def playground(model, records_by_task: Mapping[str, Sequence[Mapping]] | None = 
             boxes.append(cls(description=name, layout=widgets.Layout(width="95%", height="9em" if long else None)))
         inputs_box.children = boxes
         state["example"] = {}
-        method = model.method_of(task) if template.total_virtual_tokens else "none"
+        method, count = _prompt_of(model, task)
         info.value = (f"<code>{html.escape(template.prompt_template)}</code><br>{method}, "
-                      f"{template.total_virtual_tokens} virtual tokens, splits {template.virtual_token_splits}")
+                      f"{count} virtual tokens, splits {template.virtual_token_splits}")
         result.value = ""
         next_button.disabled = not examples[task]
         if examples[task]:

@@ -104,3 +104,10 @@ def test_playground_does_not_touch_the_prompts(model):
     before = model.prompt_table["sentiment"].clone()
     playground.playground_answer(model, "sentiment", {"sentence": SENTENCE})
     assert torch.equal(before, model.prompt_table["sentiment"])
+
+
+def test_a_deep_prompt_is_named_with_its_prefix_length(tiny_base, tasks):
+    model = pl.PromptLearningModel(tiny_base, tasks)
+    model.add_deep_prompt_tuning("intent_and_slot", num_virtual_tokens=4, hidden_size=8)
+    out = playground.playground_answer(model, "intent_and_slot", {"utterance": UTTERANCE}, max_new_tokens=2)
+    assert out["method"] == "deep_prompt_tuning" and out["virtual_tokens"] == 4
