@@ -42,12 +42,16 @@ SEEDS = (1, 2, 3)
 TEST_N = {"sentiment": 227, "intent_and_slot": 538, "squad": 600}  # records scored on test (a seeded sample)
 VAL_N = {"sentiment": 200, "intent_and_slot": 150, "squad": 100}  # scored at each validation
 
+SECONDARY = {"sentiment": ("macro_f1", "ranked_accuracy"), "intent_and_slot": ("slot_f1", "exact_match"),
+             "squad": ("exact_match",)}  # shown beside the primary metric
 # plan -> runs: (name, task, method options or None for the task's recipe, training overrides, seeds)
 PLANS = {
     "sentiment": [
         ("prompt tuning", "sentiment", {"method": "prompt_tuning"}, {}, SEEDS),
         ("p-tuning", "sentiment", {"method": "p_tuning"}, {}, SEEDS),
         ("deep prompt tuning", "sentiment", {"method": "deep_prompt_tuning", "num_virtual_tokens": 10}, {}, SEEDS),
+        ("deep prompt tuning lr 1e-2", "sentiment", {"method": "deep_prompt_tuning", "num_virtual_tokens": 10},
+         {"deep_prompt_lr": 1e-2}, (1,)),
     ],
     "intent_and_slot": [
         ("deep prompt tuning (recipe)", "intent_and_slot", None, {"eval_every": 100}, SEEDS),
@@ -174,6 +178,8 @@ def report() -> None:
         lo, hi = rs[0]["interval95"]
         rows.append({"task": task, "method": name, "metric": rs[0]["primary"],
                      "score": f"{mean:.3f}" + (f" ± {spread:.3f}" if spread is not None else f" [{lo:.3f}, {hi:.3f}]"),
+                     "also (mean)": ", ".join(f"{k} {sum(r['metrics'][k] for r in rs) / len(rs):.3f}"
+                                              for k in SECONDARY.get(task, ())),
                      "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)"),
                      "n test": rs[0]["n"], "steps": rs[0]["steps"],
                      "tokens": rs[0]["tokens"], "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),
