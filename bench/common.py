@@ -50,13 +50,9 @@ def load_split(name: str, split: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ machine
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from promptlab.precision import cpu_name
+
+    return cpu_name()
 
 
 def machine_info() -> dict[str, Any]:

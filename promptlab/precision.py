@@ -70,6 +70,20 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return False
 
 
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The processor's model name (Linux), else what the platform module knows: for reports of where a
+    number was measured."""
+    import platform
+
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def choose_precision(device: str | torch.device, requested: str | torch.dtype | None = None) -> Precision:
     """The precision for a base model on ``device``: ``requested`` ("auto", a name or a dtype) if given,
     else ``PROMPTLAB_PRECISION``, else the policy above."""

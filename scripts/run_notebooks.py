@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ast
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,16 +23,6 @@ from pathlib import Path
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 MAX_BYTES = 2 * 1024 * 1024
 HEADER_TAG = "reference-run"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def inject_parameters(nb, values: dict[str, object]) -> None:
@@ -56,7 +45,7 @@ def header(seconds: float, values: dict[str, object]) -> str:
     import torch
 
     import promptlab as pl
-    from promptlab.precision import choose_precision, default_device
+    from promptlab.precision import choose_precision, cpu_name, default_device
 
     device = default_device()
     precision = choose_precision(device)
