@@ -18,18 +18,9 @@ import torch
 
 import promptlab as pl
 from promptlab.data.features import collate, encode_records
+from test_model import RECORDS  # the mixed records of the equivalence tests
 
 NEW_TOKENS = 10
-
-RECORDS = [
-    {"taskname": "sentiment", "sentence": "Profits rose sharply this quarter, beating every forecast."},
-    {"taskname": "intent_and_slot", "utterance": "wake me up at 7"},
-    {"taskname": "squad", "context": "Paris is the capital of France.", "question": "What is the capital?"},
-    {"taskname": "short", "q": "hi"},
-    {"taskname": "lm", "text": "The weather today"},
-    {"taskname": "lm", "text": "Stocks fell"},
-    {"taskname": "sentiment", "sentence": "Bad."},
-]
 
 
 def mixed_model(base) -> pl.PromptLearningModel:
