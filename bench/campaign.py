@@ -32,8 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import promptlab as pl  # noqa: E402
-from promptlab.data.prepare import prepare_dataset  # noqa: E402
-from promptlab.data.jsonl import read_jsonl  # noqa: E402
 from promptlab.evaluate import evaluate  # noqa: E402
 from promptlab.io import atomic_write_text  # noqa: E402
 from promptlab.metrics import bootstrap_interval, primary_metric, primary_score  # noqa: E402
@@ -74,10 +72,7 @@ def run_id(name: str, task: str, seed: int) -> str:
 
 
 def splits(task: str) -> dict[str, list[dict]]:
-    folder = common.data_dir() / f"campaign-{task}"
-    if not (folder / "manifest.json").is_file():
-        prepare_dataset(task, folder, source="remote", progress=False)
-    return {s: read_jsonl(folder / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    return {s: common.load_split(task, s) for s in ("train", "validation", "test")}
 
 
 def per_record(template, predictions: list[str], records: list[dict]) -> list[float]:
