@@ -18,6 +18,7 @@ afterwards. ``--report`` needs only those files.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -32,11 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import promptlab as pl  # noqa: E402
-from promptlab.evaluate import evaluate  # noqa: E402
+from promptlab.adapters import import_peft  # noqa: E402
+from promptlab.data.features import encode_records  # noqa: E402
+from promptlab.evaluate import evaluate, sample_per_task  # noqa: E402
 from promptlab.io import atomic_write_text  # noqa: E402
 from promptlab.metrics import bootstrap_interval, primary_metric, primary_score  # noqa: E402
 
 SEEDS = (1, 2, 3)
+PEFT_PREFIX = "peft_prefix_tuning"  # a plan's method: PEFT's prefix tuning, the peer of deep prompts
 TEST_N = {"sentiment": 227, "intent_and_slot": 538, "squad": 600}  # records scored on test (a seeded sample)
 VAL_N = {"sentiment": 200, "intent_and_slot": 150, "squad": 100}  # scored at each validation
 
@@ -50,17 +54,33 @@ PLANS = {
         ("deep prompt tuning", "sentiment", {"method": "deep_prompt_tuning", "num_virtual_tokens": 10}, {}, SEEDS),
         ("deep prompt tuning lr 1e-2", "sentiment", {"method": "deep_prompt_tuning", "num_virtual_tokens": 10},
          {"deep_prompt_lr": 1e-2}, (1,)),
+        ("PEFT prefix tuning", "sentiment", {"method": PEFT_PREFIX, "num_virtual_tokens": 10}, {}, (1,)),
     ],
     "intent_and_slot": [
         ("deep prompt tuning (recipe)", "intent_and_slot", None, {"eval_every": 100}, SEEDS),
         ("prompt tuning", "intent_and_slot", {"method": "prompt_tuning"}, {"eval_every": 100}, (1,)),
+        ("PEFT prefix tuning", "intent_and_slot", {"method": PEFT_PREFIX}, {}, (1,)),
     ],
     "squad": [
         ("p-tuning (recipe)", "squad", None, {"eval_every": 50}, SEEDS),
         ("deep prompt tuning", "squad", {"method": "deep_prompt_tuning", "num_virtual_tokens": 15},
          {"eval_every": 50}, (1,)),
+        ("PEFT prefix tuning", "squad", {"method": PEFT_PREFIX, "num_virtual_tokens": 15}, {}, (1,)),
+    ],
+    # wall time to TARGET on validation, validated every 10 steps (validation time counted): the README
+    # default against PEFT's prompt tuning at three learning rates (its best is the one compared); run the
+    # two shards at once so that both sides share the machine's load
+    "time_to_target": [
+        ("default, validated every 10 steps", "sentiment", None, {"eval_every": 10}, (1,)),
+        ("PEFT prompt tuning lr 3e-2, validated every 10 steps", "sentiment", {"method": "peft_prompt_tuning"},
+         {"eval_every": 10}, (1,)),
+        ("PEFT prompt tuning lr 1e-1, validated every 10 steps", "sentiment", {"method": "peft_prompt_tuning"},
+         {"eval_every": 10, "lr": 1e-1}, (1,)),
+        ("PEFT prompt tuning lr 1e-2, validated every 10 steps", "sentiment", {"method": "peft_prompt_tuning"},
+         {"eval_every": 10, "lr": 1e-2}, (1,)),
     ],
 }
+TARGET = {"sentiment": 0.88}  # validation accuracy of the time-to-target plan
 
 
 def campaign_dir() -> Path:
@@ -90,19 +110,10 @@ def run(name: str, task: str, method: dict | None, overrides: dict, seed: int, b
     data = splits(task)
     tasks = pl.default_tasks()
     template = tasks[task]
-    torch.manual_seed(seed)
-    model = pl.PromptLearningModel(base, tasks)
-    if method is None:
-        model.add_task(task)
-    else:
-        options = dict(method)
-        kind = options.pop("method")
-        {"prompt_tuning": model.add_prompt_tuning, "deep_prompt_tuning": model.add_deep_prompt_tuning,
-         "p_tuning": lambda t, **o: model.add_p_tuning([t], **o)}[kind](task, **options)
     config = pl.TrainConfig.from_recipe(template, seed=seed, output_dir=str(out), progress=False,
                                         eval_max_records=VAL_N[task], **overrides)
-    print(f"[{run_id(name, task, seed)}] {model.method_of(task)}, {config.max_steps} steps", flush=True)
-    history = pl.Trainer(model, data["train"], data["validation"], config).fit(resume=True)
+    train = train_peft if (method or {}).get("method", "").startswith("peft_") else train_promptlab
+    model, history = train(task, tasks, method, config, data, base, out)
     test = random.Random(seed).sample(data["test"], min(TEST_N[task], len(data["test"])))
     start = time.perf_counter()
     results = evaluate(model, test)[task]
@@ -110,7 +121,8 @@ def run(name: str, task: str, method: dict | None, overrides: dict, seed: int, b
     scores = per_record(template, results["predictions"], test)
     steps = [h for h in history if "loss" in h]
     result = {
-        "name": name, "task": task, "seed": seed, "method": model.method_of(task),
+        "name": name, "task": task, "seed": seed,
+        "method": method["method"] if train is train_peft else model.method_of(task),
         "metrics": {k: v for k, v in results.items() if isinstance(v, (int, float))},
         "primary": primary_metric(template), "score": primary_score(template, results),
         "interval95": bootstrap_interval(scores, seed), "n": len(test),
@@ -123,6 +135,74 @@ def run(name: str, task: str, method: dict | None, overrides: dict, seed: int, b
     atomic_write_text(done, json.dumps(result, indent=1, default=str))
     (out / "checkpoint.safetensors").unlink(missing_ok=True)  # the result is all that is needed now
     return result
+
+
+def train_promptlab(task: str, tasks: dict, method: dict | None, config, data: dict, base, out: Path):
+    """The README path: the task's recipe (or the plan's method), `Trainer.fit` with validation, resumable."""
+    torch.manual_seed(config.seed)
+    model = pl.PromptLearningModel(base, tasks)
+    if method is None:
+        model.add_task(task)
+    else:
+        options = dict(method)
+        kind = options.pop("method")
+        {"prompt_tuning": model.add_prompt_tuning, "deep_prompt_tuning": model.add_deep_prompt_tuning,
+         "p_tuning": lambda t, **o: model.add_p_tuning([t], **o)}[kind](task, **options)
+    print(f"[{out.name}] {model.method_of(task)}, {config.max_steps} steps", flush=True)
+    return model, pl.Trainer(model, data["train"], data["validation"], config).fit(resume=True)
+
+
+def train_peft(task: str, tasks: dict, method: dict, config, data: dict, base, out: Path):
+    """PEFT's own method trained with the same batches, steps and schedule as promptlab (`common.train_peft`),
+    then imported into a prompt table (`promptlab.adapters.import_peft`) so that the same `evaluate` scores it.
+
+    - ``peft_prefix_tuning``: PREFIX_TUNING with its MLP (``prefix_projection``) and PEFT's random start, at
+      the deep-prompt learning rate: the peer of promptlab's deep prompts.
+    - ``peft_prompt_tuning``: PROMPT_TUNING started from the task's init text, at ``lr``.
+    With ``eval_every`` the adapter is validated on the same seeded validation records as promptlab's runs,
+    scored by promptlab's `evaluate` (promptlab's runs also compute a validation loss: PEFT's validations are
+    the cheaper ones). PEFT keeps no best prompt: the last one is scored (promptlab keeps the best validated
+    one). Resumable through its own checkpoint file."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    template = tasks[task]
+    if method["method"] == PEFT_PREFIX:
+        n = method.get("num_virtual_tokens") or template.total_virtual_tokens
+        train_template, lr = template.without_virtual_tokens(), config.deep_prompt_lr
+        peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=True,
+                                         encoder_hidden_size=method.get("hidden_size", 512))
+    else:
+        n, train_template, lr = template.total_virtual_tokens, template, config.lr
+        peft_config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                         prompt_tuning_init=PromptTuningInit.TEXT,
+                                         prompt_tuning_init_text=template.init_text,
+                                         tokenizer_name_or_path=common.tokenizer_dir(base))
+    examples, _ = encode_records(data["train"], {task: train_template}, base.tokenizer, config.max_seq_length)
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(copy.deepcopy(base.model), peft_config)  # PEFT wraps the module it gets
+    peft_model.peft_config["default"].base_model_name_or_path = base.name  # for import_peft's name check
+    print(f"[{out.name}] PEFT {method['method']}, {n} positions, lr {lr}, {config.max_steps} steps", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def as_promptlab() -> pl.PromptLearningModel:
+        peft_model.save_pretrained(out / "adapter")
+        table = pl.PromptTable.for_base(base)
+        import_peft(out / "adapter", base, table, task, template)
+        return pl.PromptLearningModel(base, tasks, prompt_table=table).eval()
+
+    subset = sample_per_task(data["validation"], config.eval_max_records, seed=config.seed)
+
+    def validate(step: int) -> float:
+        results = evaluate(as_promptlab(), subset, batch_size=config.eval_batch_size, rank=False)[task]
+        return primary_score(template, results)
+
+    history = common.train_peft(peft_model, examples, base.tokenizer.pad_token_id, config.max_steps, lr,
+                                config.batch_size, config.seed, config.warmup_steps, config.min_lr_ratio,
+                                config.max_grad_norm, checkpoint=out / "peft-checkpoint.pt", checkpoint_every=config.checkpoint_every,
+                                validate=validate, validate_every=config.eval_every)
+    model = as_promptlab()
+    (out / "peft-checkpoint.pt").unlink(missing_ok=True)
+    return model, history
 
 
 def curve(history: list[dict]) -> list[dict]:
@@ -187,8 +267,31 @@ def report() -> None:
             "bounds.\n\n" + common.md_table(rows, list(rows[0]) if rows else ["task"]))
     common.write_section("campaign", text)
     print(text)
+    timed = [r for r in results if r["name"] in {name for name, *_ in PLANS["time_to_target"]}]
+    if timed:
+        text = time_to_target(timed)
+        common.write_section("time-to-target", text)
+        print(text)
     for task in sorted({r["task"] for r in results}):
         plot_curves(task, {name: rs for (t, name), rs in groups.items() if t == task})
+
+
+def time_to_target(results: list[dict]) -> str:
+    """The time-to-target table: first validation at or above TARGET, its step and cumulative wall time."""
+    rows = []
+    for r in sorted(results, key=lambda r: r["name"]):
+        target = TARGET[r["task"]]
+        hit = next((p for p in r["curve"] if p["score"] >= target), None)
+        rows.append({"run": r["name"], "method": r["method"], "lr": r["config"]["lr"],
+                     f"first validation >= {target}": f"step {hit['step']}" if hit else "never",
+                     "wall time to it (s)": hit["seconds"] if hit else "-",
+                     "best validation": f"{max(p['score'] for p in r['curve']):.3f}",
+                     "test (end)": f"{r['score']:.3f} (n={r['n']})", "precision": r["precision"]})
+    return (f"Sentiment, {VAL_N['sentiment']} seeded validation records scored every 10 steps by promptlab's "
+            "`evaluate` (greedy generation) for both sides; wall time = training + validation, one thread each, "
+            "the two shards run at the same time (same load). Seed 1, single runs. Command: `python "
+            "bench/campaign.py --plan time_to_target --shard 0/2` and `--shard 1/2` at once, then `--report`.\n\n"
+            + common.md_table(rows, list(rows[0])))
 
 
 def plot_curves(task: str, runs: dict[str, list[dict]]) -> None:

@@ -8,6 +8,7 @@ labels stay answer-only.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -116,8 +117,10 @@ in it, with the machine it ran on and the exact command.
 """
 
 
-def write_section(name: str, text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section between ``<!-- BEGIN name -->`` and ``<!-- END name -->``."""
+def write_section(name: str, text: str, path: Path | None = None) -> None:
+    """Replace (or append) the section between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` of ``path``
+    (default: RESULTS.md in ``BENCH``)."""
+    path = path or BENCH / "RESULTS.md"
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     old = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
     block = f"{begin}\n{text.rstrip()}\n{end}"
@@ -175,10 +178,9 @@ def peft_prompt_tuning(base, num_virtual_tokens: int, init_text: str | None, ada
     """A PEFT prompt-tuning model (TEXT init through the base's tokenizer folder) or a new adapter on one."""
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
-    tokenizer_dir = _tokenizer_dir(base)
     config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
                                 prompt_tuning_init=PromptTuningInit.TEXT if init_text else PromptTuningInit.RANDOM,
-                                prompt_tuning_init_text=init_text, tokenizer_name_or_path=tokenizer_dir)
+                                prompt_tuning_init_text=init_text, tokenizer_name_or_path=tokenizer_dir(base))
     if peft_model is not None:
         peft_model.add_adapter(adapter, config)
         return peft_model
@@ -194,7 +196,7 @@ def peft_p_tuning(base, num_virtual_tokens: int, hidden_size: int = 256, encoder
     return get_peft_model(base.model, config)
 
 
-def _tokenizer_dir(base) -> str:
+def tokenizer_dir(base) -> str:
     """A local folder holding the base's tokenizer (PEFT's TEXT init loads a tokenizer by name or path)."""
     folder = Path(tempfile.gettempdir()) / "promptlab-bench-tokenizer" / re.sub(r"\W+", "_", base.name)
     if not (folder / "tokenizer_config.json").is_file():
@@ -222,10 +224,17 @@ def lr_at(step: int, max_steps: int, warmup: int, min_ratio: float) -> float:
 
 def train_peft(peft_model, examples, pad_id: int, max_steps: int, lr: float, batch_size: int = 8, seed: int = 1234,
                warmup_steps: int | None = None, min_lr_ratio: float = 0.1, max_grad_norm: float = 1.0,
-               log=None) -> list[dict]:
+               log=None, checkpoint: Path | None = None, checkpoint_every: int = 50,
+               validate=None, validate_every: int = 0) -> list[dict]:
     """PEFT trained with exactly promptlab's Trainer loop: its length-grouped batch order (same seed),
-    AdamW, warmup + cosine, clipping; only the model call and its loss are PEFT's."""
+    AdamW, warmup + cosine, clipping; only the model call and its loss are PEFT's.
+
+    ``checkpoint``: a file written every ``checkpoint_every`` steps (trainable weights, optimizer, history) and
+    resumed from when it exists: the batch order is a function of the seed and the step, so a resumed run
+    takes the same batches. ``validate(step) -> score``, called every ``validate_every`` steps, adds a history
+    entry with ``val/score`` and its wall time (``seconds``), as promptlab's Trainer does."""
     from promptlab.data.features import length_grouped_batches
+    from promptlab.io import atomic_write_bytes
 
     params = peft_trainable(peft_model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -233,9 +242,18 @@ def train_peft(peft_model, examples, pad_id: int, max_steps: int, lr: float, bat
     per_epoch = math.ceil(len(examples) / batch_size)
     lengths = [len(e) for e in examples]
     history, epoch_batches = [], {}
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=True)
+        with torch.no_grad():
+            for p, value in zip(params, saved["params"]):
+                p.copy_(value)
+        optimizer.load_state_dict(saved["optimizer"])
+        history = saved["history"]
+        if log:
+            log(f"  peft: resumed from {checkpoint} at step {len(history)}")
     peft_model.train()
     peft_model.base_model.eval()  # the frozen base never trains (no dropout), as in promptlab
-    for step in range(max_steps):
+    for step in range(sum(1 for h in history if "loss" in h), max_steps):
         start = time.perf_counter()
         epoch, pos = divmod(step, per_epoch)
         if epoch not in epoch_batches:
@@ -243,14 +261,27 @@ def train_peft(peft_model, examples, pad_id: int, max_steps: int, lr: float, bat
         idx = epoch_batches[epoch][pos]
         for g in optimizer.param_groups:
             g["lr"] = lr * lr_at(step, max_steps, warmup, min_lr_ratio)
-        loss = peft_loss(peft_model, peft_collate([examples[i] for i in idx], pad_id, "right"))
+        batch = peft_collate([examples[i] for i in idx], pad_id, "right")
+        loss = peft_loss(peft_model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - start})
+        history.append({"step": step + 1, "loss": loss.item(), "tokens": int(batch["attention_mask"].sum()),
+                        "seconds": time.perf_counter() - start})
         if log and (step + 1) % 25 == 0:
             log(f"  peft step {step + 1}/{max_steps} loss {loss.item():.4f}")
+        if validate is not None and validate_every and (step + 1) % validate_every == 0:
+            start = time.perf_counter()
+            score = validate(step + 1)
+            history.append({"step": step + 1, "val/score": score, "seconds": time.perf_counter() - start})
+            peft_model.train()
+            peft_model.base_model.eval()
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < max_steps:
+            buffer = io.BytesIO()
+            torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
+                        "history": history}, buffer)
+            atomic_write_bytes(checkpoint, buffer.getvalue())
     peft_model.eval()
     return history
 

@@ -1,0 +1,89 @@
+"""bench/campaign.py on the tiny model and the bundled samples: the README-path run and the PEFT runs end in a
+result.json that `--report` turns into tables, and a PEFT run stopped after a checkpoint resumes to exactly the
+result of an uninterrupted one."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+from promptlab.data.jsonl import read_jsonl  # noqa: E402
+from promptlab.data.prepare import prepare_dataset  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def campaign():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("campaign", BENCH / "campaign.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCH))
+
+
+@pytest.fixture
+def sentiment(tmp_path, monkeypatch, campaign):
+    prepare_dataset("sentiment", tmp_path / "data", source="samples", progress=False)
+    data = {s: list(read_jsonl(tmp_path / "data" / f"{s}.jsonl")) for s in ("train", "validation", "test")}
+    monkeypatch.setattr(campaign, "splits", lambda task: data)
+    monkeypatch.setenv("PROMPTLAB_CAMPAIGN", str(tmp_path / "runs"))
+    monkeypatch.setattr(campaign, "TEST_N", {"sentiment": 6})
+    monkeypatch.setattr(campaign, "VAL_N", {"sentiment": 4})
+    monkeypatch.setattr(campaign.common, "BENCH", tmp_path)  # --report writes RESULTS.md and figures here
+    (tmp_path / "RESULTS.md").write_text("# Results\n")
+    return tmp_path
+
+
+SHORT = {"max_steps": 4, "eval_every": 2, "checkpoint_every": 2}
+RUNS = [("default, validated every 10 steps", None),
+        ("PEFT prompt tuning lr 3e-2, validated every 10 steps", {"method": "peft_prompt_tuning"}),
+        ("PEFT prefix tuning", {"method": "peft_prefix_tuning", "num_virtual_tokens": 3})]
+
+
+def test_each_kind_of_run_ends_in_a_result_and_a_report(campaign, sentiment, tiny_base):
+    results = []
+    for name, method in RUNS:
+        result = campaign.run(name, "sentiment", method, SHORT, 1, tiny_base)
+        results.append(result)
+        assert result["steps"] == 4 and result["n"] == 6 and 0 <= result["score"] <= 1
+        assert [p["step"] for p in result["curve"]] == [2, 4]
+        assert result["method"] == (method or {}).get("method", "prompt_tuning")
+        folder = sentiment / "runs" / campaign.run_id(name, "sentiment", 1)
+        assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["result.json"]  # checkpoints gone
+    again = campaign.run(RUNS[0][0], "sentiment", RUNS[0][1], {"max_steps": 1}, 1, tiny_base)  # a finished run is read back, not trained
+    assert again["steps"] == 4 and again["score"] == results[0]["score"]
+    campaign.report()
+    text = (sentiment / "RESULTS.md").read_text()
+    assert "PEFT prefix tuning" in text and "first validation >= 0.88" in text
+
+
+def test_a_stopped_peft_run_resumes_to_the_same_result(campaign, sentiment, tiny_base, monkeypatch):
+    name, method = RUNS[2]
+    whole = campaign.run(name, "sentiment", method, SHORT, 1, tiny_base)
+    folder = sentiment / "runs" / campaign.run_id(name, "sentiment", 1)
+    (sentiment / "whole.json").write_text((folder / "result.json").read_text())
+    (folder / "result.json").unlink()
+
+    calls = {"n": 0, "die_at": 3}
+    real_loss = campaign.common.peft_loss
+
+    def counted(*args):
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise KeyboardInterrupt("stopped")
+        return real_loss(*args)
+
+    monkeypatch.setattr(campaign.common, "peft_loss", counted)
+    with pytest.raises(KeyboardInterrupt):
+        campaign.run(name, "sentiment", method, SHORT, 1, tiny_base)
+    assert (folder / "peft-checkpoint.pt").is_file() and not (folder / "result.json").exists()
+    calls.update(n=0, die_at=None)
+    resumed = campaign.run(name, "sentiment", method, SHORT, 1, tiny_base)
+    assert calls["n"] == 2  # the resumed run computed steps 3-4 only
+    keys = ("metrics", "score", "steps", "tokens")
+    assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
+    assert [p["score"] for p in resumed["curve"]] == [p["score"] for p in whole["curve"]]
