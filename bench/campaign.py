@@ -70,6 +70,8 @@ PLANS = {
     # deep prompts on sentiment (0.66 with the default MLP at lr 3e-3): variants at the same 150 steps, seed 1,
     # chosen on validation (the curve's best), test reported beside
     "sentiment_deep_search": [
+        ("deep search: MLP, lr 3e-3, random batches", "sentiment",
+         {"method": "deep_prompt_tuning", "num_virtual_tokens": 10}, {"group_by_length": False}, (1,)),
         ("deep search: no MLP, lr 1e-2", "sentiment",
          {"method": "deep_prompt_tuning", "num_virtual_tokens": 10, "reparameterize": False}, {"deep_prompt_lr": 1e-2},
          (1,)),

@@ -1,6 +1,7 @@
 """The notebooks as committed: under 2 MB each, and any outputs headed by the reference run that made them
 (scripts/run_notebooks.py); the script's parameter injection works as papermill's does."""
 import importlib.util
+import re
 from pathlib import Path
 
 import nbformat
@@ -40,3 +41,30 @@ def test_parameters_are_injected_after_the_parameters_cell():
     run_notebooks.inject_parameters(nb, {"STEPS": 50})  # a second run replaces, never stacks
     assert [c.metadata.get("tags", []) for c in nb.cells] == [[], ["parameters"], ["injected-parameters"], []]
     assert nb.cells[2].source == "# parameters of this run\nSTEPS = 50\n"
+
+
+def output_text(path: Path) -> str:
+    """Everything a notebook's committed cells print or display as text, and its markdown (the header)."""
+    nb = nbformat.read(path, as_version=4)
+    parts = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            parts.append(cell.source)
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", "") if out.get("output_type") == "stream"
+                         else out.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def test_the_readme_table_of_reference_runs_quotes_the_committed_outputs():
+    """Every decimal number in a row of the README's reference-run table is printed in that notebook's outputs."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- BEGIN notebook-results -->")[1].split("<!-- END notebook-results -->")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()
+            if re.match(r"\|\s*0\d", line)]
+    assert len(rows) >= 4
+    for cells in rows:
+        path = next((ROOT / "notebooks").glob(f"{cells[0][:2]}_*.ipynb"))
+        printed = output_text(path)
+        for number in re.findall(r"\d+\.\d+", " | ".join(cells[1:])):
+            assert number in printed, f"README says {number} for {path.name}, which its outputs never print"
