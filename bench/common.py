@@ -249,11 +249,12 @@ def train_peft(peft_model, examples, pad_id: int, max_steps: int, lr: float, bat
                 p.copy_(value)
         optimizer.load_state_dict(saved["optimizer"])
         history = saved["history"]
-        if log:
-            log(f"  peft: resumed from {checkpoint} at step {len(history)}")
+    done = sum(1 for h in history if "loss" in h)  # steps already trained (history also holds validations)
+    if done and log:
+        log(f"  peft: resumed from {checkpoint} at step {done}")
     peft_model.train()
     peft_model.base_model.eval()  # the frozen base never trains (no dropout), as in promptlab
-    for step in range(sum(1 for h in history if "loss" in h), max_steps):
+    for step in range(done, max_steps):
         start = time.perf_counter()
         epoch, pos = divmod(step, per_epoch)
         if epoch not in epoch_batches:
