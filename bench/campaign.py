@@ -63,7 +63,7 @@ PLANS = {
     "intent_and_slot": [
         ("deep prompt tuning (recipe)", "intent_and_slot", None, {"eval_every": 100}, SEEDS),
         ("prompt tuning", "intent_and_slot", {"method": "prompt_tuning"}, {"eval_every": 100}, (1,)),
-        ("PEFT prefix tuning", "intent_and_slot", {"method": PEFT_PREFIX}, {}, (1,)),
+        ("PEFT prefix tuning", "intent_and_slot", {"method": PEFT_PREFIX, "num_virtual_tokens": 20}, {}, (1,)),
     ],
     "squad": [
         ("p-tuning (recipe)", "squad", None, {"eval_every": 50}, SEEDS),
@@ -283,7 +283,8 @@ def report() -> None:
                                               for k in SECONDARY.get(task, ())),
                      "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)"),
                      "n test": rs[0]["n"], "steps": rs[0]["steps"],
-                     "tokens": rs[0]["tokens"], "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),
+                     "tokens": "not recorded" if rs[0]["tokens"] is None else rs[0]["tokens"],
+                     "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),
                      "precision": rs[0]["precision"]})
     text = ("Each row: mean ± sample standard deviation over the seeds (single runs: a 95% bootstrap interval "
             "over test records instead), on a seeded sample of the test split; training through the README "

@@ -268,7 +268,7 @@ def train_peft(peft_model, examples, pad_id: int, max_steps: int, lr: float, bat
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": loss.item(), "tokens": int(batch["attention_mask"].sum()),
+        history.append({"step": step + 1, "loss": loss.item(), "tokens": int((batch["labels"] != IGNORE_INDEX).sum()),
                         "seconds": time.perf_counter() - start})
         if log and (step + 1) % 25 == 0:
             log(f"  peft step {step + 1}/{max_steps} loss {loss.item():.4f}")
