@@ -8,7 +8,8 @@ Each notebook runs top to bottom with nbclient in notebooks/ (the embedded model
 ``PROMPTLAB_DATA_MIRROR``, the precision the library picks), its ``-p NAME=VALUE`` parameters injected in a
 cell after the one tagged ``parameters``, as papermill does. The run's facts (machine, model, data,
 precision, date, wall time) go into a markdown cell tagged ``reference-run`` right after the title, so the
-first thing a reader sees says what made the outputs. A notebook over 2 MB is an error. Quick-mode CI
+first thing a reader sees says what made the outputs. Absolute paths of the machine (the checkout, the data
+mirror, the home and temp folders) are rewritten in the outputs (``--scrub`` does only that). A notebook over 2 MB is an error. Quick-mode CI
 (``pytest --nbmake``) never writes the notebooks, so it leaves these outputs untouched.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import ast
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +74,35 @@ def strip_widget_state(nb) -> None:
     nb.metadata.pop("widgets", None)
 
 
+def machine_paths() -> list[tuple[str, str]]:
+    """(absolute path of this machine, what outputs show instead), most specific first: outputs read the same
+    wherever they were made, and name no folder of the machine that made them."""
+    pairs = [(os.environ.get("PROMPTLAB_DATA_MIRROR", ""), "$PROMPTLAB_DATA_MIRROR"),
+             (str(NOTEBOOKS.parent) + os.sep, ""), (str(NOTEBOOKS.parent), "."),
+             (str(Path.home()) + os.sep, "~" + os.sep), (tempfile.gettempdir() + os.sep, "$TMPDIR" + os.sep)]
+    return [(old, new) for old, new in pairs if len(old) > 1 and not old.startswith("$")]
+
+
+def scrub_paths(nb) -> None:
+    """Rewrite this machine's absolute paths in every text output (`machine_paths`)."""
+    def scrub(text):
+        if isinstance(text, list):
+            return [scrub(t) for t in text]
+        for old, new in machine_paths():
+            text = text.replace(old, new)
+        return text
+
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = scrub(out["text"])
+            for key, value in out.get("data", {}).items():
+                if key.startswith("text/"):
+                    out["data"][key] = scrub(value)
+            if "traceback" in out:
+                out["traceback"] = scrub(out["traceback"])
+
+
 def run(path: Path, values: dict[str, object], timeout: int) -> float:
     import nbclient
     import nbformat
@@ -84,6 +115,7 @@ def run(path: Path, values: dict[str, object], timeout: int) -> float:
     seconds = time.perf_counter() - start
     set_header(nb, header(seconds, values))
     strip_widget_state(nb)
+    scrub_paths(nb)
     nbformat.write(nb, path)
     return seconds
 
@@ -101,6 +133,10 @@ def check(paths: list[Path]) -> list[str]:
         has_header = any(HEADER_TAG in c.metadata.get("tags", []) for c in nb.cells)
         if has_outputs and not has_header:
             problems.append(f"{path.name}: outputs without a '{HEADER_TAG}' cell saying what made them")
+        text = path.read_text(encoding="utf-8")
+        shown = [old for old, _ in machine_paths() if old in text]
+        if shown:
+            problems.append(f"{path.name}: outputs show this machine's paths {shown} (--scrub rewrites them)")
     return problems
 
 
@@ -110,11 +146,20 @@ def main(argv=None) -> int:
     parser.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
                         help="a parameter (a Python literal, else a string)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
-    parser.add_argument("--check", action="store_true", help="only check sizes and headers")
+    parser.add_argument("--check", action="store_true", help="only check sizes, headers and paths")
+    parser.add_argument("--scrub", action="store_true",
+                        help="only rewrite this machine's absolute paths in the committed outputs")
     args = parser.parse_args(argv)
     paths = sorted(p for p in NOTEBOOKS.glob("*.ipynb")
                    if not args.which or any(p.name.startswith(w) or p.stem == w for w in args.which))
-    if args.check:
+    if args.scrub:
+        import nbformat
+
+        for path in paths:
+            nb = nbformat.read(path, as_version=4)
+            scrub_paths(nb)
+            nbformat.write(nb, path)
+    if args.check or args.scrub:
         problems = check(paths)
         print("\n".join(problems) or f"{len(paths)} notebooks: under 2 MB, outputs headed")
         return 1 if problems else 0

@@ -68,3 +68,19 @@ def test_the_readme_table_of_reference_runs_quotes_the_committed_outputs():
         printed = output_text(path)
         for number in re.findall(r"\d+\.\d+", " | ".join(cells[1:])):
             assert number in printed, f"README says {number} for {path.name}, which its outputs never print"
+
+
+def test_outputs_name_no_folder_of_the_machine_that_made_them(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print(OUT)")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"saved {ROOT}/runs/x.safetensors\n"),
+                    nbformat.v4.new_output("execute_result", data={"text/plain": f"'{Path.home()}/.cache'"})]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), cell]
+    run_notebooks.set_header(nb, "**Reference run.** test")
+    path = tmp_path / "x.ipynb"
+    nbformat.write(nb, path)
+    assert "outputs show this machine's paths" in run_notebooks.check([path])[0]
+    run_notebooks.scrub_paths(nb)
+    nbformat.write(nb, path)
+    assert run_notebooks.check([path]) == []
+    assert cell.outputs[0].text == "saved runs/x.safetensors\n" and cell.outputs[1].data["text/plain"] == "'~/.cache'"
