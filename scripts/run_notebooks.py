@@ -80,7 +80,7 @@ def machine_paths() -> list[tuple[str, str]]:
     pairs = [(os.environ.get("PROMPTLAB_DATA_MIRROR", ""), "$PROMPTLAB_DATA_MIRROR"),
              (str(NOTEBOOKS.parent) + os.sep, ""), (str(NOTEBOOKS.parent), "."),
              (str(Path.home()) + os.sep, "~" + os.sep), (tempfile.gettempdir() + os.sep, "$TMPDIR" + os.sep)]
-    return [(old, new) for old, new in pairs if len(old) > 1 and not old.startswith("$")]
+    return [(old, new) for old, new in pairs if len(old) > 1]  # an unset mirror is ""
 
 
 def scrub_paths(nb) -> None:
