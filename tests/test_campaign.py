@@ -54,7 +54,8 @@ def test_each_kind_of_run_ends_in_a_result_and_a_report(campaign, sentiment, tin
         assert result["method"] == (method or {}).get("method", "prompt_tuning")
         folder = sentiment / "runs" / campaign.run_id(name, "sentiment", 1)
         assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["result.json"]  # checkpoints gone
-    again = campaign.run(RUNS[0][0], "sentiment", RUNS[0][1], {"max_steps": 1}, 1, tiny_base)  # a finished run is read back, not trained
+    # a finished run is read back, not trained again (its overrides no longer matter)
+    again = campaign.run(RUNS[0][0], "sentiment", RUNS[0][1], {"max_steps": 1}, 1, tiny_base)
     assert again["steps"] == 4 and again["score"] == results[0]["score"]
     campaign.report()
     text = (sentiment / "RESULTS.md").read_text()
