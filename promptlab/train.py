@@ -54,8 +54,12 @@ class TrainConfig:
             or "fp16" on a float32 base add autocast; a value that contradicts a low-precision base is an
             error (load the base with the dtype you want). "no" computes in the base's own dtype.
         eval_every: validate every N steps (0: only at the end).
-        eval_max_records: validation records scored per task with generation (loss uses all): a sample
-            across the whole split, drawn with ``seed``, never the first records.
+        eval_max_records: validation records scored per task with generation: a sample across the whole
+            split, drawn with ``seed``, never the first records.
+        eval_loss_records: validation records per task the validation loss is computed on (None: all of
+            them), sampled the same way; equal to eval_max_records, it is the same sample. On a large split
+            (SQuAD's 1,173 validation questions) the full loss costs as much as the training between two
+            validations on a CPU.
         eval_batch_size: batch size of validation.
         early_stopping_patience: stop after this many validations without improvement (None: never).
         keep_best: at the end, restore the prompts of the best validation.
@@ -81,6 +85,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     eval_every: int = 50
     eval_max_records: int = 200
+    eval_loss_records: int | None = None
     eval_batch_size: int = 16
     early_stopping_patience: int | None = None
     keep_best: bool = True
@@ -111,9 +116,9 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig needs weight_decay >= 0 and 0 <= min_lr_ratio <= 1, got "
                               f"{self.weight_decay!r} and {self.min_lr_ratio!r}")
         for name, low in (("eval_every", 0), ("checkpoint_every", 0), ("eval_max_records", 0), ("eval_batch_size", 1),
-                          ("warmup_steps", 0), ("early_stopping_patience", 1)):
+                          ("warmup_steps", 0), ("early_stopping_patience", 1), ("eval_loss_records", 1)):
             value = getattr(self, name)
-            if value is None and name in ("warmup_steps", "early_stopping_patience"):
+            if value is None and name in ("warmup_steps", "early_stopping_patience", "eval_loss_records"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
@@ -390,9 +395,9 @@ class Trainer:
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Mean loss per labelled token over the validation records of the tasks being trained (records of
-        other tasks are ignored, as by the metrics: a frozen or prompt-less task has nothing to select)."""
-        training = set(self.model.training_tasks())
-        records = [r for r in self.val_records if r.get("taskname") in training]
+        other tasks are ignored, as by the metrics: a frozen or prompt-less task has nothing to select), or
+        over a seeded sample of ``eval_loss_records`` of them per task."""
+        records = self._validation_subset(self.config.eval_loss_records)
         examples, _ = encode_records(records, self.model.tasks, self.model.tokenizer,
                                      self.config.max_seq_length, source="validation")
         total, count = 0.0, 0
@@ -409,7 +414,7 @@ class Trainer:
         model.eval()
         start = time.perf_counter()
         entry: dict[str, Any] = {"step": self.state.step, "val_loss": self.validation_loss()}
-        subset = self._metric_subset()
+        subset = self._validation_subset(cfg.eval_max_records)
         scores = []
         if subset:
             for task, metrics in evaluate(model, subset, batch_size=cfg.eval_batch_size, rank=False).items():
@@ -431,11 +436,11 @@ class Trainer:
         self.state.evals_without_improvement += 1
         return cfg.early_stopping_patience is not None and self.state.evals_without_improvement >= cfg.early_stopping_patience
 
-    def _metric_subset(self) -> list[Mapping[str, Any]]:
-        """``eval_max_records`` validation records of each task being trained, sampled with the seed."""
+    def _validation_subset(self, per_task: int | None) -> list[Mapping[str, Any]]:
+        """``per_task`` validation records of each task being trained (None: all), sampled with the seed."""
         training = set(self.model.training_tasks())
-        return sample_per_task([r for r in self.val_records if r.get("taskname") in training],
-                               self.config.eval_max_records, seed=self.config.seed)
+        records = [r for r in self.val_records if r.get("taskname") in training]
+        return records if per_task is None else sample_per_task(records, per_task, seed=self.config.seed)
 
     # ----------------------------------------------------------------------------------- checkpoints
     @property

@@ -395,6 +395,7 @@ def test_config_from_dict_rejects_unknown_keys():
     ({"min_lr_ratio": 1.5}, "min_lr_ratio"), ({"weight_decay": -0.1}, "weight_decay"),
     ({"warmup_steps": -1}, "warmup_steps"), ({"eval_every": -5}, "eval_every"),
     ({"checkpoint_every": -1}, "checkpoint_every"), ({"early_stopping_patience": 0}, "early_stopping_patience"),
+    ({"eval_loss_records": 0}, "eval_loss_records"),
 ])
 def test_config_rejects_bad_values(bad, named):
     with pytest.raises(ConfigError, match=named):
@@ -426,6 +427,24 @@ def test_validation_ignores_records_of_tasks_not_being_trained(tiny_base, tasks)
     evals = [h for h in history if "val_loss" in h]
     assert [h["step"] for h in evals] == [1, 2]
     assert not any("intent_and_slot" in k for h in evals for k in h)
+
+
+def test_validation_loss_on_a_seeded_sample(tiny_base, tasks):
+    """eval_loss_records: the loss of a seeded sample across the split, the same records as the metrics' sample
+    of that size, and a different loss from the whole split's."""
+    from promptlab.evaluate import sample_per_task
+
+    val = sentiment_records(30, 1) + [{"taskname": "sentiment", "sentence": f"Sales {i} were flat", "label": "neutral"}
+                                      for i in range(10)]
+    model = make_model(tiny_base, tasks)
+    train = sentiment_records(8, 0)
+    sampled = Trainer(model, train, val, config(eval_loss_records=12, seed=7)).validation_loss()
+    drawn = sample_per_task(val, 12, seed=7)
+    assert sampled == Trainer(model, train, drawn, config(seed=7)).validation_loss()
+    assert sampled != Trainer(model, train, val, config(seed=7)).validation_loss()
+    assert sampled != Trainer(model, train, val[:12], config(seed=7)).validation_loss()  # not the first records
+    trainer = Trainer(model, train, val, config(eval_loss_records=12, eval_max_records=12, seed=7))
+    assert trainer._validation_subset(12) == drawn
 
 
 # ------------------------------------------------------------------------------------------- best prompts
