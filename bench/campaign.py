@@ -102,6 +102,7 @@ PLANS = {
     # two shards at once so that both sides share the machine's load
     "time_to_target": [
         ("default, validated every 10 steps", "sentiment", None, {"eval_every": 10}, (1,)),
+        ("prompt tuning lr 1e-1, validated every 10 steps", "sentiment", None, {"eval_every": 10, "lr": 1e-1}, (1,)),
         ("PEFT prompt tuning lr 3e-2, validated every 10 steps", "sentiment", {"method": "peft_prompt_tuning"},
          {"eval_every": 10}, (1,)),
         ("PEFT prompt tuning lr 1e-1, validated every 10 steps", "sentiment", {"method": "peft_prompt_tuning"},
@@ -289,13 +290,16 @@ def report() -> None:
         groups.setdefault((r["task"], r["name"]), []).append(r)
     rows = []
     for (task, name), rs in sorted(groups.items()):
-        scores = [r["score"] for r in rs]
+        scale = 100.0 if task == "squad" else 1.0  # F1 and EM in percent, as SQuAD reports them
+        scores = [r["score"] * scale for r in rs]
         mean = sum(scores) / len(scores)
         spread = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) if len(scores) > 1 else None
-        lo, hi = rs[0]["interval95"]
+        lo, hi = (x * scale for x in rs[0]["interval95"])
+        digits = 1 if scale == 100.0 else 3
         rows.append({"task": task, "method": name, "metric": rs[0]["primary"],
-                     "score": f"{mean:.3f}" + (f" ± {spread:.3f}" if spread is not None else f" [{lo:.3f}, {hi:.3f}]"),
-                     "also (mean)": ", ".join(f"{k} {sum(r['metrics'][k] for r in rs) / len(rs):.3f}"
+                     "score": f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None
+                                                      else f" [{lo:.{digits}f}, {hi:.{digits}f}]"),
+                     "also (mean)": ", ".join(f"{k} {sum(r['metrics'][k] for r in rs) / len(rs):.{digits}f}"
                                               for k in SECONDARY.get(task, ())),
                      "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)"),
                      "n test": rs[0]["n"], "steps": rs[0]["steps"],

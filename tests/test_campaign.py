@@ -41,7 +41,9 @@ def sentiment(tmp_path, monkeypatch, campaign):
 SHORT = {"max_steps": 4, "eval_every": 2, "checkpoint_every": 2}
 RUNS = [("default, validated every 10 steps", None),
         ("PEFT prompt tuning lr 3e-2, validated every 10 steps", {"method": "peft_prompt_tuning"}),
-        ("PEFT prefix tuning", {"method": "peft_prefix_tuning", "num_virtual_tokens": 3})]
+        ("PEFT prefix tuning", {"method": "peft_prefix_tuning", "num_virtual_tokens": 3}),
+        ("PEFT prefix tuning, no MLP", {"method": "peft_prefix_tuning", "num_virtual_tokens": 3,
+                                        "reparameterize": False})]
 
 
 def test_each_kind_of_run_ends_in_a_result_and_a_report(campaign, sentiment, tiny_base):
@@ -59,7 +61,15 @@ def test_each_kind_of_run_ends_in_a_result_and_a_report(campaign, sentiment, tin
     assert again["steps"] == 4 and again["score"] == results[0]["score"]
     campaign.report()
     text = (sentiment / "RESULTS.md").read_text()
-    assert "PEFT prefix tuning" in text and "first validation >= 0.88" in text
+    assert "PEFT prefix tuning, no MLP" in text and "first validation >= 0.88" in text and "of which training" in text
+
+
+def test_curve_counts_training_time_apart_from_validation_time(campaign):
+    history = [{"step": 1, "loss": 2.0, "seconds": 3.0}, {"step": 2, "loss": 1.5, "seconds": 3.0},
+               {"step": 2, "val_loss": 1.4, "val/score": 0.5, "seconds": 10.0},
+               {"step": 3, "loss": 1.0, "seconds": 3.0}, {"step": 3, "val/score": 0.7, "seconds": 10.0}]
+    assert campaign.curve(history) == [{"step": 2, "seconds": 16.0, "train_seconds": 6.0, "score": 0.5},
+                                       {"step": 3, "seconds": 29.0, "train_seconds": 9.0, "score": 0.7}]
 
 
 def test_a_stopped_peft_run_resumes_to_the_same_result(campaign, sentiment, tiny_base, monkeypatch):
