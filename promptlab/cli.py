@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the whole story on the embedded model; writes a report")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--model", default="embedded")
-    s.add_argument("--steps", type=int, default=None, help="training steps per method")
+    s.add_argument("--steps", type=int, default=None, help="training steps per task (default 100)")
     s.add_argument("--quick", action="store_true", help="tiny model, sample data, a few steps (for tests)")
     s.set_defaults(func=_cmd_demo)
     return p

@@ -152,6 +152,8 @@ def test_demo_quick(tmp_path):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["source"] == "samples" and set(results["learned"]) == {"sentiment", "intent_and_slot"}
+    # each task trained by its recipe in tasks.yaml: the one a 135M model can learn intent_and_slot with
+    assert results["methods"] == {"sentiment": "prompt_tuning", "intent_and_slot": "deep_prompt_tuning"}
 
 
 # -- generate writes the answer as evaluate scores it ---------------------------------------------------------
