@@ -71,11 +71,11 @@ PLANS = {
         ("PEFT prefix tuning", "intent_and_slot", {"method": PEFT_PREFIX, "num_virtual_tokens": 20}, {}, (1,)),
         # the next lever after the recipe's 600 steps (its validation accuracy still rose at the end)
         ("deep prompt tuning (recipe), 1200 steps", "intent_and_slot", None, {"max_steps": 1200, "eval_every": 200},
-         (1,)),
+         SEEDS),
     ],
-    # the validation loss on the 100 validation records the metric scores (seed 1 of the recipe computed it on
-    # all 1,173, half its wall time; prompts are selected by F1, so the result does not depend on it)
-    # (p-tuning was squad's recipe until deep prompts beat it on seed 1: F1 58.2 against 47.3-51.1)
+    # p-tuning was squad's recipe until deep prompts beat it (seed 1: F1 58.2 against 47.3-51.1). The validation
+    # loss reads the 100 records the metric scores (p-tuning's seed 1 read all 1,173: half its wall time; prompts
+    # are selected by F1, so no score depends on it)
     "squad": [
         ("p-tuning", "squad", {"method": "p_tuning"}, {"eval_every": 50, "eval_loss_records": VAL_N["squad"]}, SEEDS),
         ("deep prompt tuning (recipe)", "squad", None, {"eval_every": 50, "eval_loss_records": VAL_N["squad"]},
@@ -304,7 +304,7 @@ def report() -> None:
                                               for k in SECONDARY.get(task, ())),
                      "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)"),
                      "n test": rs[0]["n"], "steps": rs[0]["steps"],
-                     "tokens": "not recorded" if rs[0]["tokens"] is None else rs[0]["tokens"],
+                     "labelled tokens": "not recorded" if rs[0]["tokens"] is None else rs[0]["tokens"],
                      "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),
                      "precision": rs[0]["precision"]})
     text = ("Each row: mean ± sample standard deviation over the seeds (single runs: a 95% bootstrap interval "
