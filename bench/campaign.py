@@ -37,7 +37,7 @@ from promptlab.adapters import import_peft  # noqa: E402
 from promptlab.data.features import encode_records  # noqa: E402
 from promptlab.evaluate import evaluate, sample_per_task  # noqa: E402
 from promptlab.io import atomic_write_text  # noqa: E402
-from promptlab.metrics import bootstrap_interval, primary_metric, primary_score  # noqa: E402
+from promptlab.metrics import bootstrap_interval, metric_scale, primary_metric, primary_score  # noqa: E402
 
 SEEDS = (1, 2, 3)
 PEFT_PREFIX = "peft_prefix_tuning"  # a plan's method: PEFT's prefix tuning, the peer of deep prompts
@@ -291,7 +291,7 @@ def report() -> None:
         groups.setdefault((r["task"], r["name"]), []).append(r)
     rows = []
     for (task, name), rs in sorted(groups.items()):
-        scale = 100.0 if task == "squad" else 1.0  # F1 and EM in percent, as SQuAD reports them
+        scale = metric_scale(task)  # scores shown as the task reports them (SQuAD: percent)
         scores = [r["score"] * scale for r in rs]
         mean = sum(scores) / len(scores)
         spread = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) if len(scores) > 1 else None

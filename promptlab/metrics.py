@@ -448,8 +448,11 @@ def format_metrics_table(results: dict[str, dict]) -> str:
     return "\n".join([line(header), separator, *(line(row) for row in rows)])
 
 
+def metric_scale(task) -> float:
+    """What the task's metrics are reported out of: 100 for percentages (SQuAD), else 1."""
+    return 100.0 if _template(task).metric in _PERCENT_METRICS else 1.0
+
+
 def primary_score(task, metrics: dict) -> float:
     """The task's primary metric on a 0..1 scale (SQuAD's percentages divided by 100), to compare tasks."""
-    template = _template(task)
-    value = float(metrics[primary_metric(template)])
-    return value / 100.0 if template.metric in _PERCENT_METRICS else value
+    return float(metrics[primary_metric(task)]) / metric_scale(task)

@@ -12,6 +12,7 @@ from promptlab.metrics import (
     format_metrics_table,
     higher_is_better,
     intent_slot_metrics,
+    metric_scale,
     normalize_answer,
     parse_intent_slot,
     primary_metric,
@@ -243,6 +244,7 @@ def test_a_task_defined_only_by_its_template_gets_its_metric():
     qa = pl.TaskTemplate("qa", "{q} A: {reply}", 0, answer_field="reply", metric="squad")
     assert compute_task_metrics(qa, ["Paris"], [{"reply": "paris"}])["f1"] == 100.0
     assert primary_score(qa, {"f1": 50.0}) == 0.5  # percentages to the 0..1 scale
+    assert metric_scale(qa) == 100.0 and metric_scale("squad") == 100.0 and metric_scale(summary) == 1.0
 
 
 @pytest.mark.parametrize("settings, message", [
