@@ -455,4 +455,5 @@ def metric_scale(task) -> float:
 
 def primary_score(task, metrics: dict) -> float:
     """The task's primary metric on a 0..1 scale (SQuAD's percentages divided by 100), to compare tasks."""
-    return float(metrics[primary_metric(task)]) / metric_scale(task)
+    template = _template(task)  # a name is looked up once, not by each helper
+    return float(metrics[primary_metric(template)]) / metric_scale(template)
