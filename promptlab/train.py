@@ -247,6 +247,7 @@ class Trainer:
         cfg = self.config
         if resume and self._has_checkpoint():
             self._resume()
+            self._say(f"{self.checkpoint_path}: resuming at step {self.state.step} of {self.total_steps}")
         else:
             if resume:
                 self._say(f"{self.checkpoint_path}: no checkpoint yet, starting a fresh run")

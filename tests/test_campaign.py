@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("peft")
 
+import promptlab as pl  # noqa: E402
 from promptlab.data.jsonl import read_jsonl  # noqa: E402
 from promptlab.data.prepare import prepare_dataset  # noqa: E402
 
@@ -55,7 +56,16 @@ def test_each_kind_of_run_ends_in_a_result_and_a_report(campaign, sentiment, tin
         assert [p["step"] for p in result["curve"]] == [2, 4]
         assert result["method"] == (method or {}).get("method", "prompt_tuning")
         folder = sentiment / "runs" / campaign.run_id(name, "sentiment", 1)
-        assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["result.json"]  # checkpoints gone
+        # checkpoints gone; the test answers and the trained prompt kept
+        assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [
+            "predictions.jsonl", "prompts.safetensors", "result.json"]
+        answers = list(read_jsonl(folder / "predictions.jsonl"))
+        assert len(answers) == 6 and all("prediction" in a and "label" in a for a in answers)
+        assert sum(a["score"] for a in answers) / 6 == pytest.approx(result["score"])
+        table = pl.PromptTable.load(folder / "prompts.safetensors", tiny_base)
+        learned = {"peft_prompt_tuning": "prompt_tuning", "peft_prefix_tuning": "deep_prompt_tuning"}
+        assert table.tasks() == ["sentiment"]
+        assert table.entry("sentiment").method == learned.get(result["method"], result["method"])
     # a finished run is read back, not trained again (its overrides no longer matter)
     again = campaign.run(RUNS[0][0], "sentiment", RUNS[0][1], {"max_steps": 1}, 1, tiny_base)
     assert again["steps"] == 4 and again["score"] == results[0]["score"]

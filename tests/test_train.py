@@ -168,7 +168,7 @@ def test_history_lr_follows_the_schedule(tiny_base, tasks):
 
 # ------------------------------------------------------------------------------------------- exact resume
 @pytest.mark.parametrize("grad_accum,with_val", [(1, True), (2, False)])
-def test_interrupted_run_resumes_exactly(tiny_base, tasks, tmp_path, grad_accum, with_val):
+def test_interrupted_run_resumes_exactly(tiny_base, tasks, tmp_path, grad_accum, with_val, capsys):
     train = sentiment_records(10, 0) + intent_records(10)
     val = (sentiment_records(3, 9) + intent_records(2)) if with_val else None
     cfg = dict(max_steps=6, grad_accum=grad_accum, checkpoint_every=2, eval_every=2 if with_val else 0,
@@ -193,6 +193,7 @@ def test_interrupted_run_resumes_exactly(tiny_base, tasks, tmp_path, grad_accum,
     resumed = Trainer(fresh, train, val, config(output_dir=str(tmp_path / "run"), checkpoint_every=3,
                                                 **{k: v for k, v in cfg.items() if k != "checkpoint_every"}))
     history = resumed.fit(resume=True)
+    assert "resuming at step 4 of 6" in capsys.readouterr().out
     assert_same_params(trainable(fresh), ref_final)
     assert steps_only(history) == steps_only(ref_history)
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
