@@ -13,7 +13,8 @@ sample of the test split (all of it when it is small). One thread per process: t
 
 Runs survive interruption: each writes its checkpoints under ``$PROMPTLAB_CAMPAIGN`` (default
 ``~/.cache/promptlab/campaign``) and resumes from them; a finished run writes ``result.json`` and is skipped
-afterwards. ``--report`` needs only those files.
+afterwards, beside the run's test answers (``predictions.jsonl``) and trained prompt (``prompts.safetensors``).
+``--report`` needs only the results.
 """
 from __future__ import annotations
 
