@@ -81,8 +81,7 @@ def run_demo(out_dir: str | Path = "runs/demo", model_name: str = "embedded", st
     for task in DEMO_TASKS:  # each by its recipe (method and learning rates), at the demo's step budget
         model.add_task(task)
         config = TrainConfig.from_recipe(tasks[task], max_steps=steps, batch_size=8, eval_every=max(steps // 2, 1),
-                                         eval_max_records=eval_records // 2, eval_loss_records=eval_records // 2,
-                                         progress=not quick)
+                                         eval_max_records=eval_records // 2, progress=not quick)
         histories[task] = _train(model, task, splits, config, log)
     table_path = out / "prompts.safetensors"
     model.prompt_table.save(table_path)

@@ -56,10 +56,13 @@ class TrainConfig:
         eval_every: validate every N steps (0: only at the end).
         eval_max_records: validation records scored per task with generation: a sample across the whole
             split, drawn with ``seed``, never the first records.
-        eval_loss_records: validation records per task the validation loss is computed on (None: all of
-            them), sampled the same way; equal to eval_max_records, it is the same sample. On a large split
-            it is most of validation's cost: SQuAD p-tuning on this project's CPU spent 1,163 s of a 2,202 s
-            run validating with all 1,173 questions, 320 s with 100 (bench/RESULTS.md).
+        eval_loss_records: validation records per task the validation loss is computed on, sampled the same
+            way (the same number is the same sample). None: the records the metrics score (eval_max_records),
+            or all of them when eval_max_records is 0 and the loss alone picks the best prompt; a number at
+            least the split's size reads it all. Over a whole large split the loss is most of validation's
+            cost: SQuAD p-tuning on this project's CPU spent 1,163 s of a 2,202 s run validating with all
+            1,173 questions, 320 s with 100; sentiment's time to 0.88 validation accuracy was 171 s with the
+            loss over all 226 records, 54 s of it training (bench/RESULTS.md).
         eval_batch_size: batch size of validation.
         early_stopping_patience: stop after this many validations without improvement (None: never).
         keep_best: at the end, restore the prompts of the best validation.
@@ -396,9 +399,11 @@ class Trainer:
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Mean loss per labelled token over the validation records of the tasks being trained (records of
-        other tasks are ignored, as by the metrics: a frozen or prompt-less task has nothing to select), or
-        over a seeded sample of ``eval_loss_records`` of them per task."""
-        records = self._validation_subset(self.config.eval_loss_records)
+        other tasks are ignored, as by the metrics: a frozen or prompt-less task has nothing to select): a
+        seeded sample of ``eval_loss_records`` of them per task, by default the records the metrics score."""
+        cfg = self.config
+        per_task = cfg.eval_loss_records if cfg.eval_loss_records is not None else cfg.eval_max_records or None
+        records = self._validation_subset(per_task)
         examples, _ = encode_records(records, self.model.tasks, self.model.tokenizer,
                                      self.config.max_seq_length, source="validation")
         total, count = 0.0, 0

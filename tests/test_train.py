@@ -432,7 +432,7 @@ def test_validation_ignores_records_of_tasks_not_being_trained(tiny_base, tasks)
 
 def test_validation_loss_on_a_seeded_sample(tiny_base, tasks):
     """eval_loss_records: the loss of a seeded sample across the split, the same records as the metrics' sample
-    of that size, and a different loss from the whole split's."""
+    of that size (and by default those records), and a different loss from the whole split's."""
     from promptlab.evaluate import sample_per_task
 
     val = sentiment_records(30, 1) + [{"taskname": "sentiment", "sentence": f"Sales {i} were flat", "label": "neutral"}
@@ -441,11 +441,16 @@ def test_validation_loss_on_a_seeded_sample(tiny_base, tasks):
     train = sentiment_records(8, 0)
     sampled = Trainer(model, train, val, config(eval_loss_records=12, seed=7)).validation_loss()
     drawn = sample_per_task(val, 12, seed=7)
-    assert sampled == Trainer(model, train, drawn, config(seed=7)).validation_loss()
-    assert sampled != Trainer(model, train, val, config(seed=7)).validation_loss()
-    assert sampled != Trainer(model, train, val[:12], config(seed=7)).validation_loss()  # not the first records
+    assert sampled == Trainer(model, train, drawn, config(eval_max_records=0, seed=7)).validation_loss()
+    whole = Trainer(model, train, val, config(eval_loss_records=len(val), seed=7)).validation_loss()
+    assert sampled != whole
+    assert sampled != Trainer(model, train, val[:12], config(eval_max_records=0, seed=7)).validation_loss()  # not the first
     trainer = Trainer(model, train, val, config(eval_loss_records=12, eval_max_records=12, seed=7))
     assert trainer._validation_subset(12) == drawn
+    # the default: the records the metrics score; all of them when no metrics are scored (the loss picks)
+    assert Trainer(model, train, val, config(eval_max_records=12, seed=7)).validation_loss() == sampled
+    assert Trainer(model, train, val, config(eval_max_records=0, seed=7)).validation_loss() == whole
+    assert whole == Trainer(model, train, val, config(eval_loss_records=1000, eval_max_records=0)).validation_loss()
 
 
 # ------------------------------------------------------------------------------------------- best prompts
