@@ -59,10 +59,10 @@ class TrainConfig:
         eval_loss_records: validation records per task the validation loss is computed on, sampled the same
             way (the same number is the same sample). None: the records the metrics score (eval_max_records),
             or all of them when eval_max_records is 0 and the loss alone picks the best prompt; a number at
-            least the split's size reads it all. Over a whole large split the loss is most of validation's
-            cost: SQuAD p-tuning on this project's CPU spent 1,163 s of a 2,202 s run validating with all
-            1,173 questions, 320 s with 100; sentiment's time to 0.88 validation accuracy was 171 s with the
-            loss over all 226 records, 54 s of it training (bench/RESULTS.md).
+            least the split's size reads it all; 0: no validation loss, the metrics alone. The loss of a
+            record costs about what generating its answer does (sentiment on this project's CPU), and over a
+            whole large split it is most of validation's cost: SQuAD p-tuning spent 1,163 s of a 2,202 s run
+            validating with all 1,173 questions, 320 s with 100 (bench/RESULTS.md).
         eval_batch_size: batch size of validation.
         early_stopping_patience: stop after this many validations without improvement (None: never).
         keep_best: at the end, restore the prompts of the best validation.
@@ -119,12 +119,15 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig needs weight_decay >= 0 and 0 <= min_lr_ratio <= 1, got "
                               f"{self.weight_decay!r} and {self.min_lr_ratio!r}")
         for name, low in (("eval_every", 0), ("checkpoint_every", 0), ("eval_max_records", 0), ("eval_batch_size", 1),
-                          ("warmup_steps", 0), ("early_stopping_patience", 1), ("eval_loss_records", 1)):
+                          ("warmup_steps", 0), ("early_stopping_patience", 1), ("eval_loss_records", 0)):
             value = getattr(self, name)
             if value is None and name in ("warmup_steps", "early_stopping_patience", "eval_loss_records"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.eval_loss_records == 0 and self.eval_max_records == 0:
+            raise ConfigError("TrainConfig.eval_loss_records=0 and eval_max_records=0 leave validation nothing to "
+                              "choose the best prompt by: give one of them records")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -419,8 +422,10 @@ class Trainer:
         model, cfg = self.model, self.config
         model.eval()
         start = time.perf_counter()
-        entry: dict[str, Any] = {"step": self.state.step, "val_loss": self.validation_loss()}
+        entry: dict[str, Any] = {"step": self.state.step}
         subset = self._validation_subset(cfg.eval_max_records)
+        if cfg.eval_loss_records != 0 or not subset:  # 0: the metrics alone (the loss costs about as much)
+            entry["val_loss"] = self.validation_loss()
         scores = []
         if subset:
             for task, metrics in evaluate(model, subset, batch_size=cfg.eval_batch_size, rank=False).items():

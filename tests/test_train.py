@@ -396,7 +396,8 @@ def test_config_from_dict_rejects_unknown_keys():
     ({"min_lr_ratio": 1.5}, "min_lr_ratio"), ({"weight_decay": -0.1}, "weight_decay"),
     ({"warmup_steps": -1}, "warmup_steps"), ({"eval_every": -5}, "eval_every"),
     ({"checkpoint_every": -1}, "checkpoint_every"), ({"early_stopping_patience": 0}, "early_stopping_patience"),
-    ({"eval_loss_records": 0}, "eval_loss_records"),
+    ({"eval_loss_records": -1}, "eval_loss_records"),
+    ({"eval_loss_records": 0, "eval_max_records": 0}, "eval_loss_records=0 and eval_max_records=0"),
 ])
 def test_config_rejects_bad_values(bad, named):
     with pytest.raises(ConfigError, match=named):
@@ -451,6 +452,20 @@ def test_validation_loss_on_a_seeded_sample(tiny_base, tasks):
     assert Trainer(model, train, val, config(eval_max_records=12, seed=7)).validation_loss() == sampled
     assert Trainer(model, train, val, config(eval_max_records=0, seed=7)).validation_loss() == whole
     assert whole == Trainer(model, train, val, config(eval_loss_records=1000, eval_max_records=0)).validation_loss()
+
+
+def test_validation_without_the_loss(tiny_base, tasks):
+    """eval_loss_records=0: validations score the metrics only (no val_loss), and still pick the best prompt."""
+    train, val = sentiment_records(16, 1), sentiment_records(8, 2)
+    histories = {}
+    for loss_records in (None, 0):
+        torch.manual_seed(0)
+        model = make_model(tiny_base, tasks)
+        trainer = Trainer(model, train, val, config(max_steps=4, eval_every=2, eval_loss_records=loss_records))
+        histories[loss_records] = [h for h in trainer.fit() if "val/score" in h]
+    assert [h["step"] for h in histories[0]] == [h["step"] for h in histories[None]] == [2, 4]
+    assert all("val_loss" not in h for h in histories[0]) and all("val_loss" in h for h in histories[None])
+    assert [h["val/score"] for h in histories[0]] == [h["val/score"] for h in histories[None]]
 
 
 # ------------------------------------------------------------------------------------------- best prompts
