@@ -56,13 +56,11 @@ class TrainConfig:
         eval_every: validate every N steps (0: only at the end).
         eval_max_records: validation records scored per task with generation: a sample across the whole
             split, drawn with ``seed``, never the first records.
-        eval_loss_records: validation records per task the validation loss is computed on, sampled the same
-            way (the same number is the same sample). None: the records the metrics score (eval_max_records),
-            or all of them when eval_max_records is 0 and the loss alone picks the best prompt; a number at
-            least the split's size reads it all; 0: no validation loss, the metrics alone. The loss of a
-            record costs about what generating its answer does (sentiment on this project's CPU), and over a
-            whole large split it is most of validation's cost: SQuAD p-tuning spent 1,163 s of a 2,202 s run
-            validating with all 1,173 questions, 320 s with 100 (bench/RESULTS.md).
+        eval_loss_records: also compute the validation loss, on this many validation records per task,
+            sampled the same way (the same number as eval_max_records is the same sample). None: the loss
+            only when no metrics are scored (eval_max_records=0; on all the records, and it picks the best
+            prompt). The loss of a record costs about what generating its answer does: on sentiment it
+            doubled validation's time (bench/RESULTS.md, time-to-target).
         eval_batch_size: batch size of validation.
         early_stopping_patience: stop after this many validations without improvement (None: never).
         keep_best: at the end, restore the prompts of the best validation.
@@ -119,15 +117,12 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig needs weight_decay >= 0 and 0 <= min_lr_ratio <= 1, got "
                               f"{self.weight_decay!r} and {self.min_lr_ratio!r}")
         for name, low in (("eval_every", 0), ("checkpoint_every", 0), ("eval_max_records", 0), ("eval_batch_size", 1),
-                          ("warmup_steps", 0), ("early_stopping_patience", 1), ("eval_loss_records", 0)):
+                          ("warmup_steps", 0), ("early_stopping_patience", 1), ("eval_loss_records", 1)):
             value = getattr(self, name)
             if value is None and name in ("warmup_steps", "early_stopping_patience", "eval_loss_records"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
-        if self.eval_loss_records == 0 and self.eval_max_records == 0:
-            raise ConfigError("TrainConfig.eval_loss_records=0 and eval_max_records=0 leave validation nothing to "
-                              "choose the best prompt by: give one of them records")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -402,11 +397,9 @@ class Trainer:
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Mean loss per labelled token over the validation records of the tasks being trained (records of
-        other tasks are ignored, as by the metrics: a frozen or prompt-less task has nothing to select): a
-        seeded sample of ``eval_loss_records`` of them per task, by default the records the metrics score."""
-        cfg = self.config
-        per_task = cfg.eval_loss_records if cfg.eval_loss_records is not None else cfg.eval_max_records or None
-        records = self._validation_subset(per_task)
+        other tasks are ignored, as by the metrics: a frozen or prompt-less task has nothing to select), or
+        over a seeded sample of ``eval_loss_records`` of them per task."""
+        records = self._validation_subset(self.config.eval_loss_records)
         examples, _ = encode_records(records, self.model.tasks, self.model.tokenizer,
                                      self.config.max_seq_length, source="validation")
         total, count = 0.0, 0
@@ -416,7 +409,8 @@ class Trainer:
         return total / max(count, 1)
 
     def _validate(self) -> bool:
-        """Validation loss and task metrics; keeps the best prompts; True when early stopping says stop."""
+        """Task metrics (and the validation loss when asked, or when there are no metrics); keeps the best
+        prompts; True when early stopping says stop."""
         if not self.val_records:
             return False
         model, cfg = self.model, self.config
@@ -424,7 +418,7 @@ class Trainer:
         start = time.perf_counter()
         entry: dict[str, Any] = {"step": self.state.step}
         subset = self._validation_subset(cfg.eval_max_records)
-        if cfg.eval_loss_records != 0 or not subset:  # 0: the metrics alone (the loss costs about as much)
+        if cfg.eval_loss_records is not None or not subset:  # the loss costs about what the metrics do
             entry["val_loss"] = self.validation_loss()
         scores = []
         if subset:

@@ -396,8 +396,7 @@ def test_config_from_dict_rejects_unknown_keys():
     ({"min_lr_ratio": 1.5}, "min_lr_ratio"), ({"weight_decay": -0.1}, "weight_decay"),
     ({"warmup_steps": -1}, "warmup_steps"), ({"eval_every": -5}, "eval_every"),
     ({"checkpoint_every": -1}, "checkpoint_every"), ({"early_stopping_patience": 0}, "early_stopping_patience"),
-    ({"eval_loss_records": -1}, "eval_loss_records"),
-    ({"eval_loss_records": 0, "eval_max_records": 0}, "eval_loss_records=0 and eval_max_records=0"),
+    ({"eval_loss_records": 0}, "eval_loss_records"),
 ])
 def test_config_rejects_bad_values(bad, named):
     with pytest.raises(ConfigError, match=named):
@@ -426,14 +425,14 @@ def test_validation_ignores_records_of_tasks_not_being_trained(tiny_base, tasks)
     only = Trainer(model, sentiment_records(8, 0), val, config(max_steps=2))
     assert mixed.validation_loss() == only.validation_loss()
     history = mixed.fit()
-    evals = [h for h in history if "val_loss" in h]
+    evals = [h for h in history if "val/score" in h]
     assert [h["step"] for h in evals] == [1, 2]
     assert not any("intent_and_slot" in k for h in evals for k in h)
 
 
 def test_validation_loss_on_a_seeded_sample(tiny_base, tasks):
     """eval_loss_records: the loss of a seeded sample across the split, the same records as the metrics' sample
-    of that size (and by default those records), and a different loss from the whole split's."""
+    of that size, and a different loss from the whole split's."""
     from promptlab.evaluate import sample_per_task
 
     val = sentiment_records(30, 1) + [{"taskname": "sentiment", "sentence": f"Sales {i} were flat", "label": "neutral"}
@@ -448,24 +447,24 @@ def test_validation_loss_on_a_seeded_sample(tiny_base, tasks):
     assert sampled != Trainer(model, train, val[:12], config(eval_max_records=0, seed=7)).validation_loss()  # not the first
     trainer = Trainer(model, train, val, config(eval_loss_records=12, eval_max_records=12, seed=7))
     assert trainer._validation_subset(12) == drawn
-    # the default: the records the metrics score; all of them when no metrics are scored (the loss picks)
-    assert Trainer(model, train, val, config(eval_max_records=12, seed=7)).validation_loss() == sampled
-    assert Trainer(model, train, val, config(eval_max_records=0, seed=7)).validation_loss() == whole
-    assert whole == Trainer(model, train, val, config(eval_loss_records=1000, eval_max_records=0)).validation_loss()
+    assert whole == Trainer(model, train, val, config(seed=7)).validation_loss()  # None: all of them
 
 
-def test_validation_without_the_loss(tiny_base, tasks):
-    """eval_loss_records=0: validations score the metrics only (no val_loss), and still pick the best prompt."""
+def test_validation_computes_the_loss_only_when_asked(tiny_base, tasks):
+    """By default validations score the metrics only (the loss costs about as much again); eval_loss_records
+    adds the loss without changing what is picked; with no metrics the loss is computed and picks."""
     train, val = sentiment_records(16, 1), sentiment_records(8, 2)
     histories = {}
-    for loss_records in (None, 0):
+    for name, settings in (("default", {}), ("loss", {"eval_loss_records": 8}), ("no metrics", {"eval_max_records": 0})):
         torch.manual_seed(0)
         model = make_model(tiny_base, tasks)
-        trainer = Trainer(model, train, val, config(max_steps=4, eval_every=2, eval_loss_records=loss_records))
-        histories[loss_records] = [h for h in trainer.fit() if "val/score" in h]
-    assert [h["step"] for h in histories[0]] == [h["step"] for h in histories[None]] == [2, 4]
-    assert all("val_loss" not in h for h in histories[0]) and all("val_loss" in h for h in histories[None])
-    assert [h["val/score"] for h in histories[0]] == [h["val/score"] for h in histories[None]]
+        trainer = Trainer(model, train, val, config(max_steps=4, eval_every=2, **settings))
+        histories[name] = [h for h in trainer.fit() if "val/score" in h]
+        assert [h["step"] for h in histories[name]] == [2, 4]
+    assert all("val_loss" not in h for h in histories["default"])
+    assert all("val_loss" in h for h in histories["loss"] + histories["no metrics"])
+    assert [h["val/score"] for h in histories["default"]] == [h["val/score"] for h in histories["loss"]]
+    assert [h["val/score"] for h in histories["no metrics"]] == [-h["val_loss"] for h in histories["no metrics"]]
 
 
 # ------------------------------------------------------------------------------------------- best prompts
