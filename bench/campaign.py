@@ -352,7 +352,8 @@ def report() -> None:
             "`--report`. The machine ran other jobs during these runs (tests, a second shard): wall times are upper "
             "bounds. The Trainer computed a validation loss by default when these runs were made (over the whole "
             "validation split unless the plan says otherwise; the 100-position row over the 150 records scored), "
-            "and it is part of their train s; it no longer does by default, and no score depends on it.\n\n" + common.md_table(rows, list(rows[0]) if rows else ["task"]))
+            "and it is part of their train s; it no longer does by default, and no score depends on it.\n\n"
+            + common.md_table(rows, list(rows[0]) if rows else ["task"]))
     common.write_section("campaign", text)
     print(text)
     timed = [r for r in results if r["name"] in {name for name, *_ in PLANS["time_to_target"]}]
