@@ -441,11 +441,10 @@ def test_validation_loss_on_a_seeded_sample(tiny_base, tasks):
     train = sentiment_records(8, 0)
     sampled = Trainer(model, train, val, config(eval_loss_records=12, seed=7)).validation_loss()
     drawn = sample_per_task(val, 12, seed=7)
-    assert sampled == Trainer(model, train, drawn, config(eval_max_records=0, seed=7)).validation_loss()
+    assert sampled == Trainer(model, train, drawn, config(seed=7)).validation_loss()
     whole = Trainer(model, train, val, config(eval_loss_records=len(val), seed=7)).validation_loss()
     assert sampled != whole
-    first = Trainer(model, train, val[:12], config(eval_max_records=0, seed=7)).validation_loss()
-    assert sampled != first  # not the first records
+    assert sampled != Trainer(model, train, val[:12], config(seed=7)).validation_loss()  # not the first records
     trainer = Trainer(model, train, val, config(eval_loss_records=12, eval_max_records=12, seed=7))
     assert trainer._validation_subset(12) == drawn
     assert whole == Trainer(model, train, val, config(seed=7)).validation_loss()  # None: all of them
