@@ -346,7 +346,8 @@ def report() -> None:
                                                       else f" [{lo:.{digits}f}, {hi:.{digits}f}]"),
                      "also (mean)": ", ".join(f"{k} {sum(r['metrics'][k] for r in rs) / len(rs):.{digits}f}"
                                               for k in SECONDARY.get(task, ())),
-                     "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)"),
+                     "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)")
+                     + "".join(f" (seed {r['seed']}: {r['threads']} threads)" for r in rs if r.get("threads", 1) > 1),
                      "n test": rs[0]["n"], "steps": rs[0]["steps"],
                      "labelled tokens": "not recorded" if rs[0]["tokens"] is None else rs[0]["tokens"],
                      "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),

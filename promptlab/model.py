@@ -144,10 +144,10 @@ class PromptLearningModel(nn.Module):
     def add_task(self, task: str, **options) -> nn.Module:
         """Train ``task`` the way its template's ``recipe`` says (method and options; ``options`` override
         them); a task without a recipe gets prompt tuning. Returns the new trainable module."""
-        recipe = dict(self._template(task).recipe or {"method": "prompt_tuning"})
-        method = recipe.pop("method")
-        recipe.pop("training", None)
-        settings = {**recipe, **options}
+        template = self._template(task)
+        method = template.recipe_method
+        settings = {**{k: v for k, v in (template.recipe or {}).items() if k not in ("method", "training")},
+                    **options}
         if method == "prompt_tuning":
             return self.add_prompt_tuning(task, **settings)
         if method == "p_tuning":

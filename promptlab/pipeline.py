@@ -7,14 +7,17 @@ Example (``promptlab train run.yaml``)::
     tasks: null                      # null: the built-in templates; or a YAML path, or a mapping
     prompt_table: null               # an existing table to add the new tasks to
     methods:
-      - {method: prompt_tuning, task: sentiment, init_text: "Classify the sentiment of this financial news"}
+      - {task: sentiment}            # no method: the task's recipe in tasks.yaml (method and options)
       - {method: p_tuning, tasks: [squad], encoder: lstm, hidden_size: 256}
       - {method: deep_prompt_tuning, task: intent_and_slot, num_virtual_tokens: 20, reparameterize: true}
     data:
       train: [data/sentiment/train.jsonl, data/intent_and_slot/train.jsonl]
       validation: [data/sentiment/validation.jsonl]
-    training: {max_steps: 150, batch_size: 8}
+    training: {max_steps: 150, batch_size: 8}   # over the trained tasks' recipe settings (`TrainConfig.from_recipe`)
     output_dir: runs/example
+
+A run trains the way the README's calls do (`add_task`, `TrainConfig.from_recipe`): an entry without ``method``
+takes its task's recipe, and ``training`` overrides the recipes' training settings of the tasks it trains.
 """
 from __future__ import annotations
 
@@ -95,10 +98,24 @@ def load_run_config(path: str | Path) -> RunConfig:
     methods = data.get("methods") or []
     if not isinstance(methods, list) or not methods:
         raise ConfigError(f"{path}: 'methods' must list at least one entry of {sorted(METHOD_KEYS)}")
+    trained: list[str] = []
     for i, m in enumerate(methods):
         where = f"{path}: methods[{i}]"
+        if isinstance(m, dict) and "method" not in m:  # the task's recipe
+            if m.get("task") not in tasks:
+                raise ConfigError(f"{where}: an entry without 'method' trains its 'task' by the task's recipe; "
+                                  f"unknown task {m.get('task')!r}; known tasks: {sorted(tasks)}")
+            method = tasks[m["task"]].recipe_method
+            allowed = METHOD_OPTIONS[method] | {"task"}
+            bad = sorted(set(m) - allowed)
+            if bad:
+                raise ConfigError(f"{where}: unknown key(s) {bad} for task {m['task']!r}'s recipe ({method}); "
+                                  f"known: {sorted(allowed)}")
+            trained.append(m["task"])
+            continue
         if not isinstance(m, dict) or m.get("method") not in METHOD_KEYS:
-            raise ConfigError(f"{where}: 'method' must be one of {sorted(METHOD_KEYS)}")
+            raise ConfigError(f"{where}: 'method' must be one of {sorted(METHOD_KEYS)} (or left out, for the "
+                              "task's recipe)")
         allowed = METHOD_KEYS[m["method"]]
         bad = sorted(set(m) - allowed)
         if bad:
@@ -109,6 +126,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         for name in names or [None]:
             if name not in tasks:
                 raise ConfigError(f"{where}: unknown task {name!r}; known tasks: {sorted(tasks)}")
+        trained += names
     d = data.get("data") or {}
     if not isinstance(d, dict) or set(d) - {"train", "validation"}:
         raise ConfigError(f"{path}: 'data' takes 'train' and 'validation' file lists")
@@ -123,7 +141,8 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: 'output_dir' is required")
     output_dir = str(here / output_dir) if not Path(output_dir).is_absolute() else output_dir
     try:
-        train_config = TrainConfig.from_dict({**training, "output_dir": output_dir})
+        train_config = TrainConfig.from_recipe([tasks[n] for n in dict.fromkeys(trained)],
+                                               **{**training, "output_dir": output_dir})
     except ConfigError as exc:
         raise ConfigError(f"{path}: training: {exc}") from exc
     table = data.get("prompt_table")
@@ -143,7 +162,9 @@ def build_model(config: RunConfig, base=None):
     model = PromptLearningModel(base, config.tasks, prompt_table=table, max_seq_length=config.training.max_seq_length)
     for m in config.methods:
         options = {k: v for k, v in m.items() if k not in ("method", "task", "tasks")}
-        if m["method"] == "prompt_tuning":
+        if "method" not in m:
+            model.add_task(m["task"], **options)
+        elif m["method"] == "prompt_tuning":
             model.add_prompt_tuning(m["task"], **options)
         elif m["method"] == "deep_prompt_tuning":
             model.add_deep_prompt_tuning(m["task"], **options)

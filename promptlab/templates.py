@@ -242,6 +242,11 @@ class TaskTemplate:
 
     # ------------------------------------------------------------------------------------------- views
     @property
+    def recipe_method(self) -> str:
+        """The training method of the task's recipe (prompt tuning for a task without one)."""
+        return (self.recipe or {}).get("method", "prompt_tuning")
+
+    @property
     def fields(self) -> list[str]:
         """Field names in template order."""
         return [s.value for s in self.segments if s.kind == "field"]

@@ -125,11 +125,15 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+    def check_names(cls, data: Mapping[str, Any]) -> None:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        cls.check_names(data)
         return cls(**data)
 
     @classmethod
@@ -137,12 +141,13 @@ class TrainConfig:
         """The training settings of the tasks' recipes (``recipe.training`` in tasks.yaml), then
         ``overrides``. Tasks trained together must not disagree on a setting (a ConfigError names it)."""
         templates = [templates] if hasattr(templates, "taskname") else list(templates)
+        cls.check_names(overrides)  # the caller's own mistake first
         merged: dict[str, Any] = {}
         for t in templates:
             for key, value in ((t.recipe or {}).get("training") or {}).items():
                 if key in merged and merged[key] != value and key not in overrides:
                     raise ConfigError(f"the recipes of the tasks disagree on {key}: {merged[key]!r} and "
-                                      f"{value!r} (task {t.taskname!r}); pass {key}=... to choose")
+                                      f"{value!r} (task {t.taskname!r}); choose with {key}=... (under `training:` in a run config)")
                 merged[key] = value
         try:
             return cls.from_dict({**merged, **overrides})

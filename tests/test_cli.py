@@ -7,7 +7,9 @@ import pytest
 import torch
 import yaml
 
+import promptlab as pl
 from promptlab.cli import main
+from promptlab.pipeline import build_model
 from promptlab.data import read_jsonl
 from promptlab.table import PromptTable
 
@@ -112,6 +114,54 @@ def test_evaluate_baselines(tmp_path, prepared, capsys):
 def test_bad_config_is_a_clear_error(tmp_path, prepared, capsys, overrides, message):
     assert main(["train", str(_config(tmp_path, prepared, **overrides))]) == 2
     assert message in capsys.readouterr().err
+
+
+# -- an entry without a method trains by the task's recipe, as the README's calls do ------------------------------
+def test_recipe_entries_train_as_the_readme_path_does(tmp_path, prepared, capsys):
+    from promptlab.pipeline import load_run_config
+
+    config = _config(tmp_path, prepared, methods=[{"task": "sentiment"}, {"task": "intent_and_slot"}],
+                     training={"max_steps": 2, "batch_size": 4, "eval_max_records": 2, "progress": False})
+    loaded = load_run_config(config)
+    recipe = loaded.tasks["intent_and_slot"].recipe["training"]
+    # the recipes' training settings, under the run's own: the same TrainConfig as the README's call makes
+    assert loaded.training.eval_every == recipe["eval_every"] and loaded.training.max_steps == 2
+    assert loaded.training == pl.TrainConfig.from_recipe(
+        [loaded.tasks["sentiment"], loaded.tasks["intent_and_slot"]], max_steps=2, batch_size=4, eval_max_records=2,
+        progress=False, output_dir=str(tmp_path / "run"))
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["table", "list", str(tmp_path / "run" / "prompts.safetensors")]) == 0
+    listing = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "prompt_tuning" in listing["sentiment"] and "deep_prompt_tuning" in listing["intent_and_slot"]
+
+    # options beside a recipe entry override the recipe's, and must be the recipe method's
+    config = _config(tmp_path, prepared, methods=[{"task": "intent_and_slot", "num_virtual_tokens": 4}],
+                     training={"max_steps": 1, "batch_size": 2, "eval_every": 0, "progress": False})
+    model = build_model(load_run_config(config), pl.load_base_model("tiny"))
+    assert model.deep_prompts["intent_and_slot"].num_virtual_tokens == 4
+
+
+@pytest.mark.parametrize("methods, training, message", [
+    ([{"task": "nope"}], {}, "methods[0]: an entry without 'method' trains its 'task' by the task's recipe; unknown task 'nope'"),
+    ([{"task": "sentiment", "encoder": "lstm"}], {}, "unknown key(s) ['encoder'] for task 'sentiment''s recipe (prompt_tuning)"),
+    # recipes of different budgets: the run says which
+    ([{"task": "sentiment"}, {"task": "intent_and_slot"}], {}, "the recipes of the tasks disagree on max_steps: 150 and 2400"),
+])
+def test_bad_recipe_entries_are_clear_errors(tmp_path, prepared, capsys, methods, training, message):
+    assert main(["train", str(_config(tmp_path, prepared, methods=methods, training=training))]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_example_run_config_reads(tmp_path):
+    from pathlib import Path
+
+    from promptlab.pipeline import load_run_config
+
+    config = load_run_config(Path(__file__).parents[1] / "configs" / "example_run.yaml")
+    assert [m["task"] for m in config.methods] == ["sentiment", "intent_and_slot"]
+    assert all("method" not in m for m in config.methods)  # the recipes
+    assert config.training.max_steps == 300 and config.training.eval_every == 100
 
 
 def test_malformed_data_line_names_file_and_line(tmp_path, prepared, capsys):
