@@ -106,21 +106,16 @@ def load_run_config(path: str | Path) -> RunConfig:
                 raise ConfigError(f"{where}: an entry without 'method' trains its 'task' by the task's recipe; "
                                   f"unknown task {m.get('task')!r}; known tasks: {sorted(tasks)}")
             method = tasks[m["task"]].recipe_method
-            allowed = METHOD_OPTIONS[method] | {"task"}
-            bad = sorted(set(m) - allowed)
-            if bad:
-                raise ConfigError(f"{where}: unknown key(s) {bad} for task {m['task']!r}'s recipe ({method}); "
-                                  f"known: {sorted(allowed)}")
-            trained.append(m["task"])
-            continue
-        if not isinstance(m, dict) or m.get("method") not in METHOD_KEYS:
+            allowed, what = METHOD_OPTIONS[method] | {"task"}, f"task {m['task']!r}'s recipe ({method})"
+        elif isinstance(m, dict) and m.get("method") in METHOD_KEYS:
+            allowed, what = METHOD_KEYS[m["method"]], m["method"]
+        else:
             raise ConfigError(f"{where}: 'method' must be one of {sorted(METHOD_KEYS)} (or left out, for the "
                               "task's recipe)")
-        allowed = METHOD_KEYS[m["method"]]
         bad = sorted(set(m) - allowed)
         if bad:
-            raise ConfigError(f"{where}: unknown key(s) {bad} for {m['method']}; known: {sorted(allowed)}")
-        names = m.get("tasks") if m["method"] == "p_tuning" else [m.get("task")]
+            raise ConfigError(f"{where}: unknown key(s) {bad} for {what}; known: {sorted(allowed)}")
+        names = m.get("tasks") if m.get("method") == "p_tuning" else [m.get("task")]
         if isinstance(names, str):
             names = m["tasks"] = [names]
         for name in names or [None]:

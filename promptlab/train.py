@@ -147,7 +147,8 @@ class TrainConfig:
             for key, value in ((t.recipe or {}).get("training") or {}).items():
                 if key in merged and merged[key] != value and key not in overrides:
                     raise ConfigError(f"the recipes of the tasks disagree on {key}: {merged[key]!r} and "
-                                      f"{value!r} (task {t.taskname!r}); choose with {key}=... (under `training:` in a run config)")
+                                      f"{value!r} (task {t.taskname!r}); choose with {key}=... (under "
+                                      "`training:` in a run config)")
                 merged[key] = value
         try:
             return cls.from_dict({**merged, **overrides})
