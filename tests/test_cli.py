@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ import yaml
 
 import promptlab as pl
 from promptlab.cli import main
-from promptlab.pipeline import build_model
 from promptlab.data import read_jsonl
+from promptlab.pipeline import build_model, load_run_config
 from promptlab.table import PromptTable
 
 
@@ -118,8 +119,6 @@ def test_bad_config_is_a_clear_error(tmp_path, prepared, capsys, overrides, mess
 
 # -- an entry without a method trains by the task's recipe, as the README's calls do ------------------------------
 def test_recipe_entries_train_as_the_readme_path_does(tmp_path, prepared, capsys):
-    from promptlab.pipeline import load_run_config
-
     config = _config(tmp_path, prepared, methods=[{"task": "sentiment"}, {"task": "intent_and_slot"}],
                      training={"max_steps": 2, "batch_size": 4, "eval_max_records": 2, "progress": False})
     loaded = load_run_config(config)
@@ -142,22 +141,18 @@ def test_recipe_entries_train_as_the_readme_path_does(tmp_path, prepared, capsys
     assert model.deep_prompts["intent_and_slot"].num_virtual_tokens == 4
 
 
-@pytest.mark.parametrize("methods, training, message", [
-    ([{"task": "nope"}], {}, "methods[0]: an entry without 'method' trains its 'task' by the task's recipe; unknown task 'nope'"),
-    ([{"task": "sentiment", "encoder": "lstm"}], {}, "unknown key(s) ['encoder'] for task 'sentiment''s recipe (prompt_tuning)"),
-    # recipes of different budgets: the run says which
-    ([{"task": "sentiment"}, {"task": "intent_and_slot"}], {}, "the recipes of the tasks disagree on max_steps: 150 and 2400"),
+@pytest.mark.parametrize("methods, message", [
+    ([{"task": "nope"}], "methods[0]: an entry without 'method' trains its 'task' by the task's recipe; unknown task 'nope'"),
+    ([{"task": "sentiment", "encoder": "lstm"}], "unknown key(s) ['encoder'] for task 'sentiment''s recipe (prompt_tuning)"),
+    # recipes of different budgets, and the run's training settings do not say which
+    ([{"task": "sentiment"}, {"task": "intent_and_slot"}], "the recipes of the tasks disagree on max_steps: 150 and 2400"),
 ])
-def test_bad_recipe_entries_are_clear_errors(tmp_path, prepared, capsys, methods, training, message):
-    assert main(["train", str(_config(tmp_path, prepared, methods=methods, training=training))]) == 2
+def test_bad_recipe_entries_are_clear_errors(tmp_path, prepared, capsys, methods, message):
+    assert main(["train", str(_config(tmp_path, prepared, methods=methods, training={}))]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_the_example_run_config_reads(tmp_path):
-    from pathlib import Path
-
-    from promptlab.pipeline import load_run_config
-
+def test_the_example_run_config_reads():
     config = load_run_config(Path(__file__).parents[1] / "configs" / "example_run.yaml")
     assert [m["task"] for m in config.methods] == ["sentiment", "intent_and_slot"]
     assert all("method" not in m for m in config.methods)  # the recipes
