@@ -199,6 +199,8 @@ def squad_metrics(predictions: list[str], references: list[list[str]]) -> dict:
 # "type(words)": the type has no spaces, commas or parentheses; words have no parentheses but may
 # hold commas ("place_name(philadelphia, pa)"), so splitting the slot list on commas would be wrong.
 _SLOT = re.compile(r"([^\s,()]+)\s*\(([^()]*)\)")
+# "[type : words]": a slot marked inside the utterance itself ("wake me up at [time : six am]")
+_INLINE_SLOT = re.compile(r"\[\s*([^\s\[\]:]+)\s*:\s*([^\[\]]*?)\s*\]")
 _INTENT = re.compile(r"intent\s*:", re.IGNORECASE)
 _SLOTS = re.compile(r"slots\s*:", re.IGNORECASE)
 
@@ -210,6 +212,9 @@ def _normalize_words(text: str) -> str:
 
 def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     """Parse "Intent: <intent>\\nSlots: type(words), ..." (or "Slots: None") into (intent, slots).
+
+    The slot line may instead be the utterance with its slots marked in place, "Slots: wake me up at
+    [time : six am]" (read so whenever the line holds a "[type : words]" mark).
 
     Never raises: generated text may be malformed, so this returns whatever can be read.
     - intent: the text after the first "Intent:" up to the end of that line (or up to "Slots:" if the
@@ -235,9 +240,10 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     if not slots_marker:
         return intent, []
     slot_line = rest[slots_marker.end() :].split("\n", 1)[0]
+    marks = _INLINE_SLOT.findall(slot_line)
     slots = [
         (_normalize_words(slot_type), _normalize_words(words))
-        for slot_type, words in _SLOT.findall(slot_line)
+        for slot_type, words in (marks or _SLOT.findall(slot_line))
     ]
     return intent, slots
 

@@ -140,6 +140,14 @@ def test_parse_intent_slot_commas_inside_words():
     assert parse_intent_slot(text)[1] == [("place_name", "philadelphia, pa"), ("date", "today")]
 
 
+def test_parse_intent_slot_marks_in_the_utterance():
+    text = "Intent: alarm_set\nSlots: wake me up at [time : Six AM] [date:tomorrow] please"
+    assert parse_intent_slot(text) == ("alarm_set", [("time", "six am"), ("date", "tomorrow")])
+    # an utterance without marks has no slots, and a mark cut off by the token budget is not one
+    assert parse_intent_slot("Intent: alarm_query\nSlots: what alarms do i have")[1] == []
+    assert parse_intent_slot("Intent: alarm_set\nSlots: at [time : six am] [date : tomor")[1] == [("time", "six am")]
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
