@@ -40,12 +40,13 @@ from promptlab.data.features import encode_records  # noqa: E402
 from promptlab.data.jsonl import write_jsonl  # noqa: E402
 from promptlab.evaluate import evaluate, sample_per_task  # noqa: E402
 from promptlab.io import atomic_write_text  # noqa: E402
-from promptlab.metrics import (bootstrap_interval, metric_scale, parse_intent_slot, primary_metric,  # noqa: E402
-                               primary_score)
+from promptlab.data.assistant import mark_slots  # noqa: E402
+from promptlab.metrics import bootstrap_interval, metric_scale, primary_metric, primary_score  # noqa: E402
 
 SEEDS = (1, 2, 3)
 PEFT_PREFIX = "peft_prefix_tuning"  # a plan's method: PEFT's prefix tuning, the peer of deep prompts
-SLOTS_IN_UTTERANCE = "slots_in_utterance"  # a plan's override: intent_and_slot trained on `mark_slots` answers
+SLOT_MARKS = "slot_marks"  # a plan's override: intent_and_slot trained on `mark_slots` answers, "intent first" or
+# "slots first"
 TEST_N = {"sentiment": 227, "intent_and_slot": 538, "squad": 600}  # records scored on test (a seeded sample)
 VAL_N = {"sentiment": 200, "intent_and_slot": 150, "squad": 100}  # scored at each validation
 
@@ -98,7 +99,11 @@ PLANS = {
         # slots inside the utterance ("Slots: wake me up at [time : six am]"), so that the answer walks the whole
         # utterance and copies each slot's words from beside it; against the 1,200-step row (same recipe)
         ("deep prompt tuning, slots marked in the utterance, 1200 steps", "intent_and_slot", None,
-         {"max_steps": 1200, "eval_every": 200, SLOTS_IN_UTTERANCE: True}, (1,)),
+         {"max_steps": 1200, "eval_every": 200, SLOT_MARKS: "intent first"}, SEEDS),
+        # slot F1 0.559 against 0.492 (seed 1), intent 0.783 against 0.803. The marked utterance first and the
+        # intent after it, so that the intent is named with the slots in view
+        ("deep prompt tuning, slots marked in the utterance before the intent, 1200 steps", "intent_and_slot", None,
+         {"max_steps": 1200, "eval_every": 200, SLOT_MARKS: "slots first"}, SEEDS),
     ],
     # p-tuning was squad's recipe until deep prompts beat it (seed 1: F1 58.2 against 47.3-51.1). These runs
     # compute the validation loss on the 100 records the metric scores, as they were run (p-tuning's seed 1 read
@@ -180,29 +185,6 @@ def splits(task: str) -> dict[str, list[dict]]:
     return {s: common.load_split(task, s) for s in ("train", "validation", "test")}
 
 
-def mark_slots(record: dict) -> dict:
-    """An intent_and_slot record whose answer marks the slots in the utterance: "Slots: at [time : six am]".
-
-    Each slot of the prepared answer is found in order among the utterance's words (a trailing ",.?!" stays
-    outside the mark); a record with a slot that cannot be placed keeps its answer as prepared.
-    """
-    intent, slots = parse_intent_slot(record["label"])
-    words, marked, start = record["utterance"].split(), [], 0
-    for slot_type, value in slots:
-        size = len(value.split())
-        for j in range(start, len(words) - size + 1):
-            span = " ".join(words[j:j + size])
-            if value in (span.lower(), span.lower().rstrip(",.?!")):
-                tail = "" if span.lower() == value else span[len(span.rstrip(",.?!")):]
-                marked += words[start:j] + [f"[{slot_type} : {span[:len(span) - len(tail)]}]{tail}"]
-                start = j + size
-                break
-        else:
-            return record
-    label = record["label"].split("\n", 1)[0] + "\nSlots: " + " ".join(marked + words[start:])
-    return {**record, "label": label}
-
-
 def per_record(template, predictions: list[str], records: list[dict]) -> list[float]:
     """Each record's own primary score (0..1), for the bootstrap."""
     from promptlab.metrics import compute_task_metrics
@@ -218,9 +200,10 @@ def run(name: str, task: str, method: dict | None, overrides: dict, seed: int, b
     data = splits(task)
     tasks = pl.default_tasks()
     overrides = dict(overrides)
-    if overrides.pop(SLOTS_IN_UTTERANCE, False):
-        # the metric reads either notation, so validation and test keep their references as prepared
-        data["train"] = [mark_slots(r) for r in data["train"]]
+    marks = overrides.pop(SLOT_MARKS, None)
+    if marks:
+        # the metric reads either notation and order, so validation and test keep their references as prepared
+        data["train"] = [mark_slots(r, slots_first=(marks == "slots first")) for r in data["train"]]
         tasks[task] = dataclasses.replace(tasks[task], max_new_tokens=64)  # 99% of the answers fit in 43
     template = tasks[task]
     config = pl.TrainConfig.from_recipe(template, seed=seed, output_dir=str(out), progress=False,

@@ -219,27 +219,28 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     Never raises: generated text may be malformed, so this returns whatever can be read.
     - intent: the text after the first "Intent:" up to the end of that line (or up to "Slots:" if the
       newline is missing), stripped and lowercased; None when there is no "Intent:" or nothing after it.
-    - slots: every "type(words)" on the line after the first "Slots:" following the intent (trailing
-      lines are ignored, e.g. a model that runs on into another example); types and words are
-      lowercased with whitespace collapsed. "None", no "Slots:" at all, or no parseable slot give [].
+    - slots: every "type(words)" on the line after the first "Slots:" (trailing lines are ignored, e.g. a
+      model that runs on into another example); the two lines may come in either order. Types and words
+      are lowercased with whitespace collapsed. "None", no "Slots:" at all, or no parseable slot give [].
     """
     if not isinstance(text, str):
         return None, []
     intent = None
-    rest = text
     intent_marker = _INTENT.search(text)
     if intent_marker:
-        rest = text[intent_marker.end() :]
-        line = rest.split("\n", 1)[0]
+        line = text[intent_marker.end() :].split("\n", 1)[0]
         slots_on_line = _SLOTS.search(line)
         if slots_on_line:
             line = line[: slots_on_line.start()]
         intent = line.strip().lower() or None
 
-    slots_marker = _SLOTS.search(rest)
+    slots_marker = _SLOTS.search(text)
     if not slots_marker:
         return intent, []
-    slot_line = rest[slots_marker.end() :].split("\n", 1)[0]
+    slot_line = text[slots_marker.end() :].split("\n", 1)[0]
+    intent_on_line = _INTENT.search(slot_line)
+    if intent_on_line:
+        slot_line = slot_line[: intent_on_line.start()]
     marks = _INLINE_SLOT.findall(slot_line)
     slots = [
         (_normalize_words(slot_type), _normalize_words(words))

@@ -9,6 +9,7 @@ import pytest
 from promptlab.data import assistant, financial_phrasebank, squad
 from promptlab.data.download import SAMPLES_DIR
 from promptlab.errors import ConfigError, DataError
+from promptlab.metrics import parse_intent_slot
 
 PHRASEBANK = SAMPLES_DIR / "financial_phrasebank"
 NLU = SAMPLES_DIR / "nlu_evaluation_data" / "KFold_1"
@@ -104,6 +105,36 @@ def test_format_label():
     slots = [assistant.Slot("time", "six am"), assistant.Slot("date", "tomorrow")]
     assert assistant.format_label("alarm_set", slots) == "Intent: alarm_set\nSlots: time(six am), date(tomorrow)"
     assert assistant.format_label("general_joke", []) == "Intent: general_joke\nSlots: None"
+
+
+@pytest.mark.parametrize("utterance, label, marked", [
+    ("wake me up at six am tomorrow", "Intent: alarm_set\nSlots: time(six am), date(tomorrow)",
+     "Intent: alarm_set\nSlots: wake me up at [time : six am] [date : tomorrow]"),
+    ("tell me a joke", "Intent: general_joke\nSlots: None", "Intent: general_joke\nSlots: tell me a joke"),
+    # punctuation after a slot stays outside its mark; a slot that ends in a dot keeps it
+    ("email robert, now", "Intent: email_sendemail\nSlots: person(robert)",
+     "Intent: email_sendemail\nSlots: email [person : robert], now"),
+    ("euro to u. s. d.", "Intent: qa_currency\nSlots: currency_name(euro), currency_name(u. s. d.)",
+     "Intent: qa_currency\nSlots: [currency_name : euro] to [currency_name : u. s. d.]"),
+    # the same words twice: slots are placed in order
+    ("play it it", "Intent: play_music\nSlots: song_name(it), artist_name(it)",
+     "Intent: play_music\nSlots: play [song_name : it] [artist_name : it]"),
+])
+def test_mark_slots(utterance, label, marked):
+    record = {"taskname": "intent_and_slot", "utterance": utterance, "label": label}
+    assert assistant.mark_slots(record)["label"] == marked
+    first = assistant.mark_slots(record, slots_first=True)["label"]
+    assert first == "\n".join(marked.split("\n")[::-1])
+    # the metric reads the same intent and slots from every notation and order
+    assert parse_intent_slot(marked) == parse_intent_slot(first) == parse_intent_slot(label)
+    assert assistant.mark_slots(assistant.mark_slots(record)) == assistant.mark_slots(record)
+
+
+def test_mark_slots_keeps_what_it_cannot_place():
+    record = {"taskname": "intent_and_slot", "utterance": "wake me up", "label": "Intent: alarm_set\nSlots: time(six)"}
+    assert assistant.mark_slots(record) is record
+    headless = {**record, "label": "Slots: None"}
+    assert assistant.mark_slots(headless) is headless
 
 
 def test_intent_samples_parse():

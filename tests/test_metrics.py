@@ -161,6 +161,9 @@ def test_parse_intent_slot_marks_in_the_utterance():
         # a model that runs on into the next example: only the first label counts
         ("Intent: alarm_set\nSlots: None\nIntent: x\nSlots: date(today)", ("alarm_set", [])),
         ("intent :  Alarm_Set  \nslots: Date( six  AM )", ("alarm_set", [("date", "six am")])),
+        # slots first, on one line or two
+        ("Slots: at [time : six am]\nIntent: alarm_set", ("alarm_set", [("time", "six am")])),
+        ("Slots: date(today) Intent: alarm_set", ("alarm_set", [("date", "today")])),
     ],
 )
 def test_parse_intent_slot_tolerates_garbage(text, expected):

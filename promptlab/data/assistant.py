@@ -87,6 +87,40 @@ def format_label(intent: str, slots: list[Slot]) -> str:
     return f"Intent: {intent}\nSlots: {rendered}"
 
 
+def mark_slots(record: dict[str, Any], slots_first: bool = False) -> dict[str, Any]:
+    """The record with its answer rewritten to mark the slots inside the utterance, the notation
+    ``answer_annotation`` itself uses::
+
+        Intent: alarm_set
+        Slots: wake me up at [time : six am] [date : tomorrow]
+
+    (the two lines swapped with ``slots_first``; an utterance without slots is copied unmarked). The model
+    then copies each slot's words from the utterance beside it instead of recalling them; the metric reads
+    either notation. Each slot of the answer is found, in order, among the utterance's words (a trailing
+    ",.?!" stays outside the mark); an answer with a slot that cannot be placed, or no intent, is kept as
+    it is.
+    """
+    from ..metrics import parse_intent_slot
+
+    intent, slots = parse_intent_slot(record["label"])
+    words, marked, start = record["utterance"].split(), [], 0
+    for slot_type, value in slots:
+        size = len(value.split())
+        for j in range(start, len(words) - size + 1):
+            span = " ".join(words[j:j + size])
+            core = span if span.lower() == value else span.rstrip(",.?!")
+            if core.lower() == value:
+                marked += words[start:j] + [f"[{slot_type} : {core}]{span[len(core):]}"]
+                start = j + size
+                break
+        else:
+            return record
+    if intent is None:
+        return record
+    lines = [f"Intent: {intent}", "Slots: " + " ".join(marked + words[start:])]
+    return {**record, "label": "\n".join(lines[::-1] if slots_first else lines)}
+
+
 def parse_intent_file(path: str | Path, intent: str | None = None) -> list[dict[str, Any]]:
     """Parse one intent CSV into ``{"taskname", "utterance", "label"}`` records, in file order.
 
