@@ -99,11 +99,15 @@ PLANS = {
         # slots inside the utterance ("Slots: wake me up at [time : six am]"), so that the answer walks the whole
         # utterance and copies each slot's words from beside it; against the 1,200-step row (same recipe)
         ("deep prompt tuning, slots marked in the utterance, 1200 steps", "intent_and_slot", None,
-         {"max_steps": 1200, "eval_every": 200, SLOT_MARKS: "intent first"}, SEEDS),
-        # slot F1 0.559 against 0.492 (seed 1), intent 0.783 against 0.803. The marked utterance first and the
-        # intent after it, so that the intent is named with the slots in view
+         {"max_steps": 1200, "eval_every": 200, SLOT_MARKS: "intent first"}, (1, 2)),
+        # slot F1 0.559 and 0.555 against the recipe's 0.492 and 0.483 (seeds 1-2), intent 0.783 and 0.812 against
+        # 0.803 and 0.797. The marked utterance first and the intent after it, so that the intent is named with
+        # the slots in view: seed 1 0.784, slot F1 0.565, no better
         ("deep prompt tuning, slots marked in the utterance before the intent, 1200 steps", "intent_and_slot", None,
-         {"max_steps": 1200, "eval_every": 200, SLOT_MARKS: "slots first"}, SEEDS),
+         {"max_steps": 1200, "eval_every": 200, SLOT_MARKS: "slots first"}, (1,)),
+        # the marks at the recipe's budget, as the candidate for the recipe's answer format
+        ("deep prompt tuning, slots marked in the utterance, 2400 steps", "intent_and_slot", None,
+         {"max_steps": 2400, "eval_every": 400, SLOT_MARKS: "intent first"}, SEEDS),
     ],
     # p-tuning was squad's recipe until deep prompts beat it (seed 1: F1 58.2 against 47.3-51.1). These runs
     # compute the validation loss on the 100 records the metric scores, as they were run (p-tuning's seed 1 read
