@@ -36,11 +36,11 @@ import common  # noqa: E402
 
 import promptlab as pl  # noqa: E402
 from promptlab.adapters import import_peft  # noqa: E402
+from promptlab.data.assistant import mark_slots  # noqa: E402
 from promptlab.data.features import encode_records  # noqa: E402
 from promptlab.data.jsonl import write_jsonl  # noqa: E402
 from promptlab.evaluate import evaluate, sample_per_task  # noqa: E402
 from promptlab.io import atomic_write_text  # noqa: E402
-from promptlab.data.assistant import mark_slots  # noqa: E402
 from promptlab.metrics import bootstrap_interval, metric_scale, primary_metric, primary_score  # noqa: E402
 
 SEEDS = (1, 2, 3)

@@ -103,6 +103,8 @@ def mark_slots(record: dict[str, Any], slots_first: bool = False) -> dict[str, A
     from ..metrics import parse_intent_slot
 
     intent, slots = parse_intent_slot(record["label"])
+    if intent is None:
+        return record
     words, marked, start = record["utterance"].split(), [], 0
     for slot_type, value in slots:
         size = len(value.split())
@@ -115,8 +117,6 @@ def mark_slots(record: dict[str, Any], slots_first: bool = False) -> dict[str, A
                 break
         else:
             return record
-    if intent is None:
-        return record
     lines = [f"Intent: {intent}", "Slots: " + " ".join(marked + words[start:])]
     return {**record, "label": "\n".join(lines[::-1] if slots_first else lines)}
 
