@@ -13,7 +13,8 @@ def _cmd_prepare(args) -> None:
     from .data import prepare_dataset
 
     manifest = prepare_dataset(args.dataset, args.out, seed=args.seed, from_dev=args.from_dev,
-                               agreement=args.agreement, source="samples" if args.samples else "remote")
+                               agreement=args.agreement, source="samples" if args.samples else "remote",
+                               slot_marks=args.slot_marks)
     counts = manifest.get("counts", {})
     print(f"{args.dataset}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {args.out}")
 
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1234)
     s.add_argument("--from-dev", action="store_true", help="squad: split dev-v1.1.json by article")
     s.add_argument("--agreement", default="AllAgree", help="sentiment: AllAgree, 75Agree, 66Agree or 50Agree")
+    s.add_argument("--slot-marks", action="store_true",
+                   help="intent_and_slot: answers mark the slots in the utterance ('at [time : six am]')")
     s.add_argument("--samples", action="store_true", help="use the small sample files bundled with promptlab")
     s.set_defaults(func=_cmd_prepare)
 

@@ -45,6 +45,13 @@ def test_prepare_writes_splits_and_manifest(prepared):
     assert counts == manifest["counts"] and counts["train"] > counts["test"] > 0
 
 
+def test_prepare_slot_marks(tmp_path):
+    assert main(["prepare", "intent_and_slot", "--out", str(tmp_path), "--samples", "--slot-marks"]) == 0
+    assert json.loads((tmp_path / "manifest.json").read_text())["options"] == {"slot_marks": True}
+    assert any("[time : " in r["label"] for r in read_jsonl(tmp_path / "train.jsonl"))
+    assert main(["prepare", "sentiment", "--out", str(tmp_path / "s"), "--samples", "--slot-marks"]) != 0
+
+
 def test_train_generate_evaluate_table(tmp_path, prepared, capsys):
     config = _config(tmp_path, prepared)
     assert main(["train", str(config)]) == 0

@@ -19,6 +19,7 @@ from promptlab.data import DATASETS, prepare_dataset, read_jsonl
 from promptlab.data.download import SAMPLES_DIR, make_fetcher, samples_registry, sha256_file
 from promptlab.data.prepare import SPLITS, build_dataset, split_counts
 from promptlab.errors import ConfigError, DownloadError
+from promptlab.metrics import parse_intent_slot
 
 
 def _splits(out: Path) -> dict[str, list[dict]]:
@@ -81,8 +82,27 @@ def test_intent_splits_use_fold_files(tmp_path):
     assert len({r["utterance"] for r in held_out}) == 16
 
 
+def test_intent_slot_marks(tmp_path):
+    plain, marked = _prepared(tmp_path / "plain"), _prepared(tmp_path / "marked", slot_marks=True)
+    # two adjacent marks of one type in the annotation, "[time : six] [time : thirty am]", are one slot
+    assert "Intent: alarm_set\nSlots: set an alarm for [time : six thirty am]" in [r["label"] for r in marked["train"]]
+    for split in plain:  # the same records in the same order, the same intent and slots in the other notation
+        assert [r["utterance"] for r in plain[split]] == [r["utterance"] for r in marked[split]]
+        assert ([parse_intent_slot(r["label"]) for r in plain[split]]
+                == [parse_intent_slot(r["label"]) for r in marked[split]])
+        assert all("[" not in r["label"] for r in plain[split])
+    assert json.loads((tmp_path / "marked" / "manifest.json").read_text())["options"] == {"slot_marks": True}
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["options"] == {}
+
+
+def _prepared(out: Path, **options) -> dict[str, list[dict]]:
+    prepare_dataset("intent_and_slot", out, source="samples", **options)
+    return _splits(out)
+
+
 @pytest.mark.parametrize("name, options", [
-    ("sentiment", {}), ("intent_and_slot", {}), ("squad", {}), ("squad", {"from_dev": True}),
+    ("sentiment", {}), ("intent_and_slot", {}), ("intent_and_slot", {"slot_marks": True}), ("squad", {}),
+    ("squad", {"from_dev": True}),
 ])
 def test_same_seed_same_bytes_other_seed_other_order(tmp_path, name, options):
     outs = []
@@ -159,6 +179,7 @@ def test_prepare_through_an_http_mirror(tmp_path):
     ({"name": "imdb"}, "unknown dataset 'imdb'"),
     ({"name": "sentiment", "from_dev": True}, "squad only"),
     ({"name": "squad", "agreement": "50Agree"}, "sentiment only"),
+    ({"name": "squad", "slot_marks": True}, "intent_and_slot only"),
     ({"name": "sentiment", "agreement": "90Agree"}, "90Agree"),
     ({"name": "sentiment", "seed": "12"}, "seed must be an integer"),
 ])

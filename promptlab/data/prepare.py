@@ -6,7 +6,8 @@ complete). The split rules follow NeMo's reference recipes:
 
 * ``sentiment``: the sentences of ``Sentences_<agreement>.txt`` shuffled, 80/10/10
   (``int(0.8 n)`` train, ``int(0.1 n)`` validation, the rest test: 1811/226/227 on AllAgree);
-* ``intent_and_slot``: every fold-1 trainset record for train; the testset halved into validation/test;
+* ``intent_and_slot``: every fold-1 trainset record for train; the testset halved into validation/test.
+  With ``slot_marks=True`` every answer marks its slots in the utterance (`assistant.mark_slots`);
 * ``squad``: ``train-v1.1.json`` for train; ``dev-v1.1.json`` halved *by article* into validation/test.
   With ``from_dev=True`` (no train file needed) the dev articles are split 80/10/10 into all three.
 """
@@ -91,18 +92,20 @@ def _read_intent_folder(fetcher: Fetcher, folder: str) -> tuple[list[str], list[
     return files, records
 
 
-def _build_intent_and_slot(fetcher: Fetcher, seed: int) -> PreparedDataset:
+def _build_intent_and_slot(fetcher: Fetcher, seed: int, slot_marks: bool) -> PreparedDataset:
     rng = random.Random(seed)
     train_files, train = _read_intent_folder(fetcher, assistant.TRAIN_DIR)
     test_files, held_out = _read_intent_folder(fetcher, assistant.TEST_DIR)
     rng.shuffle(train)
     rng.shuffle(held_out)
+    if slot_marks:
+        train, held_out = [assistant.mark_slots(r) for r in train], [assistant.mark_slots(r) for r in held_out]
     half = len(held_out) // 2
     rule = ("train: every record of KFold_1/trainset/*.csv, shuffled with random.Random(seed); "
             "KFold_1/testset/csv/*.csv shuffled with the same generator, first n//2 validation, the rest test")
     return PreparedDataset("intent_and_slot",
                            {"train": train, "validation": held_out[:half], "test": held_out[half:]},
-                           train_files + test_files, rule)
+                           train_files + test_files, rule, {"slot_marks": True} if slot_marks else {})
 
 
 def _flatten(articles: list[squad.Article]) -> list[dict[str, Any]]:
@@ -147,6 +150,7 @@ def build_dataset(
     seed: int = DEFAULT_SEED,
     from_dev: bool = False,
     agreement: str = "AllAgree",
+    slot_marks: bool = False,
 ) -> PreparedDataset:
     """Fetch, parse and split one dataset in memory (what ``prepare_dataset`` writes)."""
     if name not in DATASETS:
@@ -155,12 +159,14 @@ def build_dataset(
         raise ConfigError(f"--from-dev applies to squad only, not to {name}")
     if agreement != "AllAgree" and name != "sentiment":
         raise ConfigError(f"--agreement applies to sentiment only, not to {name}")
+    if slot_marks and name != "intent_and_slot":
+        raise ConfigError(f"--slot-marks applies to intent_and_slot only, not to {name}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     if name == "sentiment":
         return _build_sentiment(fetcher, seed, agreement)
     if name == "intent_and_slot":
-        return _build_intent_and_slot(fetcher, seed)
+        return _build_intent_and_slot(fetcher, seed, slot_marks)
     return _build_squad(fetcher, seed, from_dev)
 
 
@@ -171,6 +177,7 @@ def prepare_dataset(
     from_dev: bool = False,
     agreement: str = "AllAgree",
     source: str = "remote",
+    slot_marks: bool = False,
     *,
     mirror: str | None = None,
     fetcher: Fetcher | None = None,
@@ -186,6 +193,10 @@ def prepare_dataset(
         seed: seeds every shuffle; the same seed and files give byte-identical outputs.
         from_dev: squad only: build all three splits from dev-v1.1.json (by article).
         agreement: sentiment only: "AllAgree", "75Agree", "66Agree" or "50Agree".
+        slot_marks: intent_and_slot only: answers that mark the slots in the utterance ("Slots: wake me up
+            at [time : six am]") instead of listing them ("Slots: time(six am)"); see `assistant.mark_slots`.
+            They run longer (10 of the 538 test answers need more than the task's 40 new tokens): generate
+            them with ``max_new_tokens=64``, as ``bench/campaign.py`` does.
         source: "remote" (``mirror``, else ``$PROMPTLAB_DATA_MIRROR``, else the public homes) or
             "samples" (the small files bundled with promptlab).
         mirror: a directory or http(s) URL overriding ``$PROMPTLAB_DATA_MIRROR`` (source "remote").
@@ -195,7 +206,7 @@ def prepare_dataset(
     """
     if fetcher is None:
         fetcher = make_fetcher(source, mirror=mirror, progress=progress)
-    prepared = build_dataset(name, fetcher, seed=seed, from_dev=from_dev, agreement=agreement)
+    prepared = build_dataset(name, fetcher, seed=seed, from_dev=from_dev, agreement=agreement, slot_marks=slot_marks)
     out = Path(out_dir)
     outputs = {}
     for split in SPLITS:
