@@ -105,9 +105,10 @@ PLANS = {
         # the slots in view: seed 1 0.784, slot F1 0.565, no better
         ("deep prompt tuning, slots marked in the utterance before the intent, 1200 steps", "intent_and_slot", None,
          {"max_steps": 1200, "eval_every": 200, SLOT_MARKS: "slots first"}, (1,)),
-        # the marks at the recipe's budget, as the candidate for the recipe's answer format
+        # the marks at the recipe's budget, as the candidate for the recipe's answer format: intent 0.825 and 0.831
+        # against 0.842 and 0.851, slot F1 0.627 and 0.597 against 0.581 and 0.599, a trade; seed 3 not run
         ("deep prompt tuning, slots marked in the utterance, 2400 steps", "intent_and_slot", None,
-         {"max_steps": 2400, "eval_every": 400, SLOT_MARKS: "intent first"}, SEEDS),
+         {"max_steps": 2400, "eval_every": 400, SLOT_MARKS: "intent first"}, (1, 2)),
     ],
     # p-tuning was squad's recipe until deep prompts beat it (seed 1: F1 58.2 against 47.3-51.1). These runs
     # compute the validation loss on the 100 records the metric scores, as they were run (p-tuning's seed 1 read
