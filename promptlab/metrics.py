@@ -210,6 +210,17 @@ def _normalize_words(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _line_after(text: str, marker: re.Pattern, stop: re.Pattern) -> str | None:
+    """The rest of the line after the first ``marker`` in ``text``, cut where ``stop`` begins on it (the other
+    line's marker, when a newline is missing); None when there is no ``marker``."""
+    found = marker.search(text)
+    if not found:
+        return None
+    line = text[found.end() :].split("\n", 1)[0]
+    cut = stop.search(line)
+    return line[: cut.start()] if cut else line
+
+
 def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     """Parse "Intent: <intent>\\nSlots: type(words), ..." (or "Slots: None") into (intent, slots).
 
@@ -225,22 +236,11 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     """
     if not isinstance(text, str):
         return None, []
-    intent = None
-    intent_marker = _INTENT.search(text)
-    if intent_marker:
-        line = text[intent_marker.end() :].split("\n", 1)[0]
-        slots_on_line = _SLOTS.search(line)
-        if slots_on_line:
-            line = line[: slots_on_line.start()]
-        intent = line.strip().lower() or None
-
-    slots_marker = _SLOTS.search(text)
-    if not slots_marker:
+    intent_line = _line_after(text, _INTENT, _SLOTS)
+    intent = (intent_line.strip().lower() or None) if intent_line is not None else None
+    slot_line = _line_after(text, _SLOTS, _INTENT)
+    if slot_line is None:
         return intent, []
-    slot_line = text[slots_marker.end() :].split("\n", 1)[0]
-    intent_on_line = _INTENT.search(slot_line)
-    if intent_on_line:
-        slot_line = slot_line[: intent_on_line.start()]
     marks = _INLINE_SLOT.findall(slot_line)
     slots = [
         (_normalize_words(slot_type), _normalize_words(words))
