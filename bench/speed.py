@@ -80,6 +80,20 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+def interleaved(run, names: list[str], rounds: int) -> tuple[dict, dict, dict]:
+    """Call ``run(name, i)`` for every name in each round ``i``, the order rotating by one every round (so that
+    no variant always runs after the same one), each call timed. Returns wall seconds, CPU seconds and results,
+    each a list per name in round order. Warm up before calling it: every round counts."""
+    wall, cpu, results = ({k: [] for k in names} for _ in range(3))
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            with Clock() as c:
+                results[name].append(run(name, i))
+            wall[name].append(c.wall)
+            cpu[name].append(c.cpu)
+    return wall, cpu, results
+
+
 # ------------------------------------------------------------------------------------- the models
 def promptlab_model(base, tasks: list[str]) -> pl.PromptLearningModel:
     torch.manual_seed(SEED)
@@ -171,16 +185,9 @@ def bench_training(base, task: str, steps: int) -> dict:
         "promptlab, the same random batches, packing off": run_promptlab(rand, False),
     }
     names = list(variants)
-    wall = {k: [] for k in names}
-    cpu = {k: [] for k in names}
     for name in names:
         variants[name](-1)  # warm-up on records outside the pool
-    for i in range(steps):
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            with Clock() as c:
-                variants[name](i)
-            wall[name].append(c.wall)
-            cpu[name].append(c.cpu)
+    wall, cpu, _ = interleaved(lambda name, i: variants[name](i), names, steps)
     model.pack_sequences = True
     rows = []
     ref = names[0]
@@ -249,16 +256,10 @@ def bench_generation(base, per_task: int, new_tokens: int, repeats: int) -> dict
                 "PEFT generate, task by task (as shipped)": task_by_task(peft_generate),
                 "HF generate with PEFT's prompt as inputs_embeds, task by task": task_by_task(hf_generate)}
     names = list(variants)
-    wall = {k: [] for k in names}
-    cpu = {k: [] for k in names}
-    outputs = {}
-    for r in range(repeats + 1):  # the first round warms up
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            with Clock() as c:
-                outputs[name] = variants[name]()
-            if r:
-                wall[name].append(c.wall)
-                cpu[name].append(c.cpu)
+    for name in names:
+        variants[name]()  # warm-up
+    wall, cpu, results = interleaved(lambda name, i: variants[name](), names, repeats)
+    outputs = {name: results[name][-1] for name in names}
     rows = []
     for name in names:
         n, w, c = count(outputs[name]), common.median(wall[name]), common.median(cpu[name])
@@ -342,16 +343,10 @@ def bench_generate_reference(base, per_task: int, new_tokens: int, repeats: int,
                     lambda: model.generate(records, max_new_tokens=new_tokens, batch_size=len(records)),
                 "transformers generate(inputs_embeds=...)": lambda: reference_texts(model, records, new_tokens)}
     names = list(variants)
-    wall = {k: [] for k in names}
-    cpu = {k: [] for k in names}
-    outputs = {}
-    for r in range(repeats + 1):  # the first round warms up
-        for name in names[r % 2:] + names[: r % 2]:
-            with Clock() as c:
-                outputs[name] = variants[name]()
-            if r:
-                wall[name].append(c.wall)
-                cpu[name].append(c.cpu)
+    for name in names:
+        variants[name]()  # warm-up
+    wall, cpu, results = interleaved(lambda name, i: variants[name](), names, repeats)
+    outputs = {name: results[name][-1] for name in names}
     rows = []
     for name in names:
         same = sum(a == b for a, b in zip(outputs[name], outputs[names[0]]))
@@ -395,18 +390,11 @@ def bench_precision(bases: dict[str, object], task: str, steps: int) -> dict:
         models[name].train()
         optimizers[name] = torch.optim.AdamW(models[name].prompt_embeddings.parameters(), lr=1e-3)
     pad = first.tokenizer.pad_token_id
-    wall = {k: [] for k in names}
-    cpu = {k: [] for k in names}
-    losses = {k: [] for k in names}
     for name in names:
         promptlab_step(models[name], optimizers[name], warm, pad)
-    for i, idx in enumerate(batches):
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            with Clock() as c:
-                loss = promptlab_step(models[name], optimizers[name], [pool[j] for j in idx], pad)
-            wall[name].append(c.wall)
-            cpu[name].append(c.cpu)
-            losses[name].append(loss)
+    wall, cpu, losses = interleaved(
+        lambda name, i: promptlab_step(models[name], optimizers[name], [pool[j] for j in batches[i]], pad),
+        names, len(batches))
     ref = names[0]
     rows = []
     for name in names:

@@ -14,6 +14,15 @@ os.environ.setdefault("PROMPTLAB_PRECISION", "fp32")
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, whatever an earlier test left set: the exact-equality tests hold on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_base():
     import promptlab as pl

@@ -58,14 +58,6 @@ def _spec(batch_size: int) -> dict:
                        "mixed_precision": "no"}}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow  # ~35 s on a busy 2-core machine: two fresh interpreters import torch and transformers
 def test_two_processes_match_one_process(tmp_path, one_thread, tiny_base):
     spec_file = tmp_path / "spec.json"

@@ -16,6 +16,8 @@ import torch
 
 import promptlab as pl
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the goldens were recorded on one thread
+
 # Summing in another order (packing off, or 2 threads) moves these losses by <1e-7 relative; a loss near
 # ln(vocab) ~ 7.7 (promptlab's tiny tokenizer: 2,148 tokens) then leaves 8e-5 of room, while a step with a
 # wrong update moves it by ~0.1.
@@ -94,14 +96,6 @@ def golden_tokens(name: str) -> list[list[int]]:
         return out
     finally:
         del model.tokenizer.decode  # back to the class's method
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])

@@ -20,13 +20,7 @@ from promptlab.errors import CheckpointError, ConfigError, DataError
 from promptlab.train import TrainConfig, Trainer, lr_multiplier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models are far faster on one thread (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models are far faster on one thread
 
 
 # ------------------------------------------------------------------------------------------- helpers
