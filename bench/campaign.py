@@ -449,13 +449,13 @@ def time_to_target(results: list[dict]) -> str:
 
 def plot_curves(task: str, runs: dict[str, list[dict]]) -> None:
     """bench/campaign_TASK.png: validation score against wall time (training and validation counted), one
-    line per run, a colour per method."""
+    line per seed, a colour and marker per row."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     ax = fig.subplots()
-    colours, markers = colormaps["tab20"], "os^DvP"  # a plan holds up to 14 rows: ten colours would repeat
+    colours, markers = colormaps["tab20"], "os^DvP"  # plans hold more rows than the ten default colours
     for i, (name, rs) in enumerate(sorted(runs.items())):
         for j, r in enumerate(rs):
             points = r["curve"]
