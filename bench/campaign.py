@@ -150,7 +150,8 @@ PLANS = {
         ("deep prompt tuning, lr 1e-3, 300 steps", "squad", None,
          {"max_steps": 300, "eval_every": 50, "deep_prompt_lr": 1e-3}, (1,)),
         # twice the batch at the recipe's steps (the same number of updates, twice the answers per update), for the
-        # validation F1 that still rose at the recipe's last step
+        # validation F1 that still rose at the recipe's last step: 0.66 at step 150, test F1 58.2 (seed 1), the
+        # recipe's own seed-1 score
         ("deep prompt tuning (recipe), batch 16", "squad", None,
          {"batch_size": 16, "eval_every": 50, "eval_loss_records": VAL_N["squad"]}, (1,)),
     ],
