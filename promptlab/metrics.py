@@ -201,6 +201,8 @@ def squad_metrics(predictions: list[str], references: list[list[str]]) -> dict:
 _SLOT = re.compile(r"([^\s,()]+)\s*\(([^()]*)\)")
 # "[type : words]": a slot marked inside the utterance itself ("wake me up at [time : six am]")
 _INLINE_SLOT = re.compile(r"\[\s*([^\s\[\]:]+)\s*:\s*([^\[\]]*?)\s*\]")
+# "type = words; ...": the words follow a space, as they do in the utterance, so they are the same tokens
+_ASSIGNED_SLOT = re.compile(r"([^\s,;()=\[\]]+)\s*=\s*([^;=]*?)\s*(?:;|$)")
 _INTENT = re.compile(r"intent\s*:", re.IGNORECASE)
 _SLOTS = re.compile(r"slots\s*:", re.IGNORECASE)
 
@@ -225,7 +227,8 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     """Parse "Intent: <intent>\\nSlots: type(words), ..." (or "Slots: None") into (intent, slots).
 
     The slot line may instead be the utterance with its slots marked in place, "Slots: wake me up at
-    [time : six am]" (read so whenever the line holds a "[type : words]" mark).
+    [time : six am]" (read so whenever the line holds a "[type : words]" mark), or list the slots as
+    "Slots: time = six am; date = tomorrow" (read so whenever it holds "=").
 
     Never raises: generated text may be malformed, so this returns whatever can be read.
     - intent: the text after the first "Intent:" up to the end of that line (or up to "Slots:" if the
@@ -241,11 +244,9 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     slot_line = _line_after(text, _SLOTS, _INTENT)
     if slot_line is None:
         return intent, []
-    marks = _INLINE_SLOT.findall(slot_line)
-    slots = [
-        (_normalize_words(slot_type), _normalize_words(words))
-        for slot_type, words in (marks or _SLOT.findall(slot_line))
-    ]
+    found = (_INLINE_SLOT.findall(slot_line) or ("=" in slot_line and _ASSIGNED_SLOT.findall(slot_line))
+             or _SLOT.findall(slot_line))
+    slots = [(_normalize_words(slot_type), _normalize_words(words)) for slot_type, words in found]
     return intent, slots
 
 

@@ -130,6 +130,18 @@ def test_mark_slots(utterance, label, marked):
     assert assistant.mark_slots(assistant.mark_slots(record)) == assistant.mark_slots(record)
 
 
+def test_assign_slots():
+    record = {"utterance": "is it raining in philadelphia, pa today", "label":
+              "Intent: weather_query\nSlots: place_name(philadelphia, pa), date(today)"}
+    listed = assistant.assign_slots(record)
+    assert listed["label"] == "Intent: weather_query\nSlots: place_name = philadelphia, pa; date = today"
+    assert listed["utterance"] == record["utterance"] and record["label"].endswith("date(today)")  # old one kept
+    assert parse_intent_slot(listed["label"]) == parse_intent_slot(record["label"])
+    for kept in ({"utterance": "stop", "label": "Intent: general_commandstop\nSlots: None"},
+                 {"utterance": "x", "label": "Slots: date(today)"}):  # no slot to list; no intent
+        assert assistant.assign_slots(kept) is kept
+
+
 def test_mark_slots_keeps_what_it_cannot_place():
     record = {"taskname": "intent_and_slot", "utterance": "wake me up", "label": "Intent: alarm_set\nSlots: time(six)"}
     assert assistant.mark_slots(record) is record

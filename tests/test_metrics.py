@@ -148,6 +148,15 @@ def test_parse_intent_slot_marks_in_the_utterance():
     assert parse_intent_slot("Intent: alarm_set\nSlots: at [time : six am] [date : tomor")[1] == [("time", "six am")]
 
 
+def test_parse_intent_slot_listed_as_type_equals_words():
+    text = "Intent: weather_query\nSlots: place_name = Philadelphia,  PA; date=today;"
+    assert parse_intent_slot(text) == ("weather_query", [("place_name", "philadelphia, pa"), ("date", "today")])
+    # either notation reads the same slots; "=" inside a "type(words)" list is not read as a listed slot
+    assert parse_intent_slot("Intent: x\nSlots: time = six am; date = tomorrow")[1] == \
+        parse_intent_slot("Intent: x\nSlots: time(six am), date(tomorrow)")[1]
+    assert parse_intent_slot("Intent: x\nSlots: None")[1] == []
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

@@ -121,6 +121,26 @@ def mark_slots(record: dict[str, Any], slots_first: bool = False) -> dict[str, A
     return {**record, "label": "\n".join(lines[::-1] if slots_first else lines)}
 
 
+def assign_slots(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its slots listed as ``type = words``, joined with "; "::
+
+        Intent: alarm_set
+        Slots: time = six am; date = tomorrow
+
+    After "=" the words follow a space, as they do inside the utterance, so the tokenizer gives them the
+    same tokens there and in the answer; in ``time(six am)`` the first word follows "(" and becomes a
+    different token ("six" against " six"). The metric reads either notation. An answer without an intent,
+    or without slots, is kept as it is.
+    """
+    from ..metrics import parse_intent_slot
+
+    intent, slots = parse_intent_slot(record["label"])
+    if intent is None or not slots:
+        return record
+    listed = "; ".join(f"{slot_type} = {words}" for slot_type, words in slots)
+    return {**record, "label": f"Intent: {intent}\nSlots: {listed}"}
+
+
 def parse_intent_file(path: str | Path, intent: str | None = None) -> list[dict[str, Any]]:
     """Parse one intent CSV into ``{"taskname", "utterance", "label"}`` records, in file order.
 
