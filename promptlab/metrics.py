@@ -203,6 +203,8 @@ _SLOT = re.compile(r"([^\s,()]+)\s*\(([^()]*)\)")
 _INLINE_SLOT = re.compile(r"\[\s*([^\s\[\]:]+)\s*:\s*([^\[\]]*?)\s*\]")
 # "type = words; ...": the words follow a space, as they do in the utterance, so they are the same tokens
 _ASSIGNED_SLOT = re.compile(r"([^\s,;()=\[\]]+)\s*=\s*([^;=]*?)\s*(?:;|$)")
+# "words -> type; ...": the same, each slot's words first and its type after them
+_NAMED_SPAN = re.compile(r"\s*([^;]*?)\s*->\s*([^\s,;()=\[\]]+)\s*(?:;|$)")
 _INTENT = re.compile(r"intent\s*:", re.IGNORECASE)
 _SLOTS = re.compile(r"slots\s*:", re.IGNORECASE)
 
@@ -228,7 +230,8 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
 
     The slot line may instead be the utterance with its slots marked in place, "Slots: wake me up at
     [time : six am]" (read so whenever the line holds a "[type : words]" mark), or list the slots as
-    "Slots: time = six am; date = tomorrow" (read so whenever it holds "=").
+    "Slots: time = six am; date = tomorrow" (whenever it holds "=") or "Slots: six am -> time; tomorrow ->
+    date" (whenever it holds "->").
 
     Never raises: generated text may be malformed, so this returns whatever can be read.
     - intent: the text after the first "Intent:" up to the end of that line (or up to "Slots:" if the
@@ -245,7 +248,7 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     if slot_line is None:
         return intent, []
     found = (_INLINE_SLOT.findall(slot_line) or ("=" in slot_line and _ASSIGNED_SLOT.findall(slot_line))
-             or _SLOT.findall(slot_line))
+             or ("->" in slot_line and [(t, w) for w, t in _NAMED_SPAN.findall(slot_line)]) or _SLOT.findall(slot_line))
     slots = [(_normalize_words(slot_type), _normalize_words(words)) for slot_type, words in found]
     return intent, slots
 

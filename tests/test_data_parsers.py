@@ -137,9 +137,12 @@ def test_assign_slots():
     assert listed["label"] == "Intent: weather_query\nSlots: place_name = philadelphia, pa; date = today"
     assert listed["utterance"] == record["utterance"] and record["label"].endswith("date(today)")  # old one kept
     assert parse_intent_slot(listed["label"]) == parse_intent_slot(record["label"])
+    named = assistant.assign_slots(record, words_first=True)
+    assert named["label"] == "Intent: weather_query\nSlots: philadelphia, pa -> place_name; today -> date"
+    assert parse_intent_slot(named["label"]) == parse_intent_slot(record["label"])
     for kept in ({"utterance": "stop", "label": "Intent: general_commandstop\nSlots: None"},
                  {"utterance": "x", "label": "Slots: date(today)"}):  # no slot to list; no intent
-        assert assistant.assign_slots(kept) is kept
+        assert assistant.assign_slots(kept) is kept and assistant.assign_slots(kept, words_first=True) is kept
 
 
 def test_mark_slots_keeps_what_it_cannot_place():

@@ -157,6 +157,12 @@ def test_parse_intent_slot_listed_as_type_equals_words():
     assert parse_intent_slot("Intent: x\nSlots: None")[1] == []
 
 
+def test_parse_intent_slot_listed_as_words_then_type():
+    text = "Intent: weather_query\nSlots: Philadelphia, PA -> place_name; today->date"
+    assert parse_intent_slot(text) == ("weather_query", [("place_name", "philadelphia, pa"), ("date", "today")])
+    assert parse_intent_slot("Intent: x\nSlots: six am -> time; tomorr")[1] == [("time", "six am")]  # cut off
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

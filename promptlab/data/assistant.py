@@ -121,23 +121,25 @@ def mark_slots(record: dict[str, Any], slots_first: bool = False) -> dict[str, A
     return {**record, "label": "\n".join(lines[::-1] if slots_first else lines)}
 
 
-def assign_slots(record: dict[str, Any]) -> dict[str, Any]:
-    """The record with its slots listed as ``type = words``, joined with "; "::
+def assign_slots(record: dict[str, Any], words_first: bool = False) -> dict[str, Any]:
+    """The record with its slots listed as ``type = words`` (``words -> type`` with ``words_first``), joined
+    with "; "::
 
         Intent: alarm_set
-        Slots: time = six am; date = tomorrow
+        Slots: time = six am; date = tomorrow        (or: six am -> time; tomorrow -> date)
 
-    After "=" the words follow a space, as they do inside the utterance, so the tokenizer gives them the
-    same tokens there and in the answer; in ``time(six am)`` the first word follows "(" and becomes a
-    different token ("six" against " six"). The metric reads either notation. An answer without an intent,
-    or without slots, is kept as it is.
+    The words follow a space, as they do inside the utterance, so the tokenizer gives them the same tokens
+    there and in the answer; in ``time(six am)`` the first word follows "(" and becomes a different token
+    ("six" against " six"). The metric reads every notation. An answer without an intent, or without slots,
+    is kept as it is.
     """
     from ..metrics import parse_intent_slot
 
     intent, slots = parse_intent_slot(record["label"])
     if intent is None or not slots:
         return record
-    listed = "; ".join(f"{slot_type} = {words}" for slot_type, words in slots)
+    listed = "; ".join(f"{words} -> {slot_type}" if words_first else f"{slot_type} = {words}"
+                       for slot_type, words in slots)
     return {**record, "label": f"Intent: {intent}\nSlots: {listed}"}
 
 
