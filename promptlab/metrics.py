@@ -229,9 +229,9 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     """Parse "Intent: <intent>\\nSlots: type(words), ..." (or "Slots: None") into (intent, slots).
 
     The slot line may instead be the utterance with its slots marked in place, "Slots: wake me up at
-    [time : six am]" (read so whenever the line holds a "[type : words]" mark), or list the slots as
-    "Slots: time = six am; date = tomorrow" (whenever it holds "=") or "Slots: six am -> time; tomorrow ->
-    date" (whenever it holds "->").
+    [time : six am]" (read so whenever the line holds a "[type : words]" mark), or, when it holds no
+    "type(words)", list the slots as "Slots: time = six am; date = tomorrow" or "Slots: six am -> time;
+    tomorrow -> date".
 
     Never raises: generated text may be malformed, so this returns whatever can be read.
     - intent: the text after the first "Intent:" up to the end of that line (or up to "Slots:" if the
@@ -247,8 +247,8 @@ def parse_intent_slot(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     slot_line = _line_after(text, _SLOTS, _INTENT)
     if slot_line is None:
         return intent, []
-    found = (_INLINE_SLOT.findall(slot_line) or ("=" in slot_line and _ASSIGNED_SLOT.findall(slot_line))
-             or ("->" in slot_line and [(t, w) for w, t in _NAMED_SPAN.findall(slot_line)]) or _SLOT.findall(slot_line))
+    found = (_INLINE_SLOT.findall(slot_line) or _SLOT.findall(slot_line) or _ASSIGNED_SLOT.findall(slot_line)
+             or [(slot_type, words) for words, slot_type in _NAMED_SPAN.findall(slot_line)])
     slots = [(_normalize_words(slot_type), _normalize_words(words)) for slot_type, words in found]
     return intent, slots
 

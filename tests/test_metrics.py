@@ -154,6 +154,7 @@ def test_parse_intent_slot_listed_as_type_equals_words():
     # either notation reads the same slots; "=" inside a "type(words)" list is not read as a listed slot
     assert parse_intent_slot("Intent: x\nSlots: time = six am; date = tomorrow")[1] == \
         parse_intent_slot("Intent: x\nSlots: time(six am), date(tomorrow)")[1]
+    assert parse_intent_slot("Intent: x\nSlots: math_term(2 + 2 = 4)")[1] == [("math_term", "2 + 2 = 4")]
     assert parse_intent_slot("Intent: x\nSlots: None")[1] == []
 
 
