@@ -137,7 +137,7 @@ PLANS = {
         # the words in view. Seeds 1-2: slot F1 0.627 and 0.640, against the recipe's 0.581 and 0.599 (the best slot
         # F1 of any row), intent 0.812 and 0.842 against 0.842 and 0.851: the marks' trade again, a larger one
         ("deep prompt tuning, slots listed as words -> type, 2400 steps", "intent_and_slot", None,
-         {"max_steps": 2400, "eval_every": 400, SLOT_MARKS: "words -> type"}, (1, 2)),
+         {"max_steps": 2400, "eval_every": 400, SLOT_MARKS: "words -> type"}, SEEDS),
     ],
     # p-tuning was squad's recipe until deep prompts beat it (seed 1: F1 58.2 against 47.3-51.1). These runs
     # compute the validation loss on the 100 records the metric scores, as they were run (p-tuning's seed 1 read
