@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -216,6 +217,12 @@ def campaign_dir() -> Path:
     return Path(os.environ.get("PROMPTLAB_CAMPAIGN", Path.home() / ".cache" / "promptlab" / "campaign"))
 
 
+def results_dir() -> Path:
+    """Finished runs' ``result.json``, kept in the repository beside RESULTS.md: the evidence of its tables,
+    so that any clone can redo ``--report`` (the campaign folder, with its checkpoints, stays on one machine)."""
+    return common.BENCH / "campaign_results"
+
+
 def run_id(name: str, task: str, seed: int) -> str:
     return f"{task}--{name.replace(' ', '_').replace('(', '').replace(')', '')}--seed{seed}"
 
@@ -233,9 +240,10 @@ def per_record(template, predictions: list[str], records: list[dict]) -> list[fl
 
 def run(name: str, task: str, method: dict | None, overrides: dict, seed: int, base) -> dict:
     out = campaign_dir() / run_id(name, task, seed)
-    done = out / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    done, kept = out / "result.json", results_dir() / f"{run_id(name, task, seed)}.json"
+    for path in (kept, done):
+        if path.is_file():
+            return json.loads(path.read_text())
     data = splits(task)
     tasks = pl.default_tasks()
     overrides = dict(overrides)
@@ -276,6 +284,8 @@ def run(name: str, task: str, method: dict | None, overrides: dict, seed: int, b
     model.freeze()
     model.prompt_table.save(out / "prompts.safetensors")
     atomic_write_text(done, json.dumps(result, indent=1, default=str))
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(kept, json.dumps(result, indent=1, default=str))
     (out / "checkpoint.safetensors").unlink(missing_ok=True)  # the result is all that is needed now
     return result
 
@@ -396,30 +406,73 @@ def main(argv=None) -> int:
     return 0
 
 
+def stored_results() -> list[dict]:
+    """Every finished run: the repository's ``campaign_results`` and this machine's campaign folder (a result
+    found only there is copied into the repository's, so that it is committed with the table it backs)."""
+    results = {p.stem: p for p in sorted(results_dir().glob("*.json"))}
+    for path in sorted(campaign_dir().glob("*/result.json")):
+        if path.parent.name not in results:
+            results[path.parent.name] = results_dir() / f"{path.parent.name}.json"
+            results_dir().mkdir(parents=True, exist_ok=True)
+            atomic_write_text(results[path.parent.name], path.read_text())
+    return [json.loads(p.read_text()) for _, p in sorted(results.items())]
+
+
+def written_rows(section: str = "campaign", key: tuple[str, ...] = ("task", "method")) -> dict[tuple, dict]:
+    """The rows of a section's table as RESULTS.md has them now, by their ``key`` columns."""
+    path = common.BENCH / "RESULTS.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    found = re.search(f"<!-- BEGIN {section} -->(.*?)<!-- END {section} -->", text, re.DOTALL)
+    lines = [line.strip() for line in (found.group(1) if found else "").splitlines()
+             if line.startswith("|") and not re.fullmatch(r"[-:| ]+", line.strip())]  # not the |---| line
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+    if not cells:
+        return {}
+    rows = [dict(zip(cells[0], row)) for row in cells[1:]]
+    return {tuple(r[k] for k in key): r for r in rows}
+
+
+def row_seeds(row: dict) -> set[int]:
+    return {int(s) for s in re.match(r"[\d,]*", row["seeds"]).group(0).split(",") if s}
+
+
+def table_row(task: str, name: str, rs: list[dict]) -> dict:
+    """A campaign table row from a row's runs: the mean and spread over seeds (one run: its interval)."""
+    scale = metric_scale(task)  # scores shown as the task reports them (SQuAD: percent)
+    scores = [r["score"] * scale for r in rs]
+    mean = sum(scores) / len(scores)
+    spread = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) if len(scores) > 1 else None
+    lo, hi = (x * scale for x in rs[0]["interval95"])
+    digits = 1 if scale == 100.0 else 3
+    return {"task": task, "method": name, "metric": rs[0]["primary"],
+            "score": f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None
+                                             else f" [{lo:.{digits}f}, {hi:.{digits}f}]"),
+            "also (mean)": ", ".join(f"{k} {sum(r['metrics'][k] for r in rs) / len(rs):.{digits}f}"
+                                     for k in SECONDARY.get(task, ())),
+            "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)")
+            + "".join(f" (seed {r['seed']}: {r['threads']} threads)" for r in rs if r.get("threads", 1) > 1),
+            "n test": rs[0]["n"], "steps": rs[0]["steps"],
+            "labelled tokens": "not recorded" if rs[0]["tokens"] is None else rs[0]["tokens"],
+            "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),
+            "precision": rs[0]["precision"]}
+
+
 def report() -> None:
-    results = [json.loads(p.read_text()) for p in sorted(campaign_dir().glob("*/result.json"))]
+    results = stored_results()
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["task"], r["name"]), []).append(r)
-    rows = []
-    for (task, name), rs in sorted(groups.items()):
-        scale = metric_scale(task)  # scores shown as the task reports them (SQuAD: percent)
-        scores = [r["score"] * scale for r in rs]
-        mean = sum(scores) / len(scores)
-        spread = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) if len(scores) > 1 else None
-        lo, hi = (x * scale for x in rs[0]["interval95"])
-        digits = 1 if scale == 100.0 else 3
-        rows.append({"task": task, "method": name, "metric": rs[0]["primary"],
-                     "score": f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None
-                                                      else f" [{lo:.{digits}f}, {hi:.{digits}f}]"),
-                     "also (mean)": ", ".join(f"{k} {sum(r['metrics'][k] for r in rs) / len(rs):.{digits}f}"
-                                              for k in SECONDARY.get(task, ())),
-                     "seeds": ",".join(str(r["seed"]) for r in rs) + ("" if len(rs) > 1 else " (single run)")
-                     + "".join(f" (seed {r['seed']}: {r['threads']} threads)" for r in rs if r.get("threads", 1) > 1),
-                     "n test": rs[0]["n"], "steps": rs[0]["steps"],
-                     "labelled tokens": "not recorded" if rs[0]["tokens"] is None else rs[0]["tokens"],
-                     "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),
-                     "precision": rs[0]["precision"]})
+    rows, partial = {key: table_row(*key, rs) for key, rs in sorted(groups.items())}, set()
+    # a row whose runs' results are not all here (made before results were kept in the repository) stays as
+    # written: recomputing it from fewer runs, or dropping it, would lose what was measured
+    for key, row in written_rows().items():
+        missing = row_seeds(row) - {r["seed"] for r in groups.get(key, [])}
+        if key not in rows or missing:
+            print(f"campaign table: kept the written row {key[0]} / {key[1]!r}: no result here for seed(s) "
+                  f"{','.join(map(str, sorted(missing))) or row['seeds']}", file=sys.stderr)
+            rows[key] = row
+            partial.add(key[0])
+    rows = [rows[key] for key in sorted(rows)]
     text = ("Each row: mean ± sample standard deviation over the seeds (single runs: a 95% bootstrap interval "
             "over test records instead), on a seeded sample of the test split; training through the README "
             "path (`add_task`, `TrainConfig.from_recipe`), validation-selected prompts. Wall time on this CPU, "
@@ -427,16 +480,26 @@ def report() -> None:
             "`--report`. The machine ran other jobs during these runs (tests, a second shard): wall times are upper "
             "bounds. The Trainer computed a validation loss by default when these runs were made (over the whole "
             "validation split unless the plan says otherwise; the 100-position row over the 150 records scored), "
-            "and it is part of their train s; it no longer does by default, and no score depends on it.\n\n"
+            "and it is part of their train s; it no longer does by default, and no score depends on it. Each "
+            "run's result.json is in `bench/campaign_results/`; rows with none there were made before results "
+            "were kept in the repository and stay as they were written.\n\n"
             + common.md_table(rows, list(rows[0]) if rows else ["task"]))
     common.write_section("campaign", text)
     print(text)
     timed = [r for r in results if r["name"] in {name for name, *_ in PLANS["time_to_target"]}]
-    if timed:
+    lost = set(written_rows("time-to-target", ("run",))) - {(r["name"],) for r in timed}
+    if timed and lost:
+        print(f"campaign: the time-to-target table kept as it is: no result here for {sorted(lost)}",
+              file=sys.stderr)
+    elif timed:
         text = time_to_target(timed)
         common.write_section("time-to-target", text)
         print(text)
     for task in sorted({r["task"] for r in results}):
+        if task in partial:  # its figure would lose the curves of the rows kept as written
+            print(f"campaign: bench/campaign_{task}.png kept as it is: some of its rows have no results here",
+                  file=sys.stderr)
+            continue
         plot_curves(task, {name: rs for (t, name), rs in groups.items() if t == task})
 
 

@@ -2,6 +2,7 @@
 result.json that `--report` turns into tables, and a PEFT run stopped after a checkpoint resumes to exactly the
 result of an uninterrupted one."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def test_each_kind_of_run_ends_in_a_result_and_a_report(campaign, sentiment, tin
     # a finished run is read back, not trained again (its overrides no longer matter)
     again = campaign.run(RUNS[0][0], "sentiment", RUNS[0][1], {"max_steps": 1}, 1, tiny_base)
     assert again["steps"] == 4 and again["score"] == results[0]["score"]
+    # every result is kept in the repository's folder too, and a run found there is not trained again
+    kept = sorted(p.stem for p in (sentiment / "campaign_results").iterdir())
+    assert kept == sorted(campaign.run_id(name, "sentiment", 1) for name, _ in RUNS)
+    for folder in (sentiment / "runs").iterdir():
+        (folder / "result.json").unlink()
+    again = campaign.run(RUNS[1][0], "sentiment", RUNS[1][1], {"max_steps": 1}, 1, tiny_base)
+    assert again == json.loads(json.dumps(results[1], default=str))
     campaign.report()
     text = (sentiment / "RESULTS.md").read_text()
     assert "PEFT prefix tuning, no MLP" in text and "first validation >= 0.88" in text and "of which training" in text
@@ -88,6 +96,7 @@ def test_a_stopped_peft_run_resumes_to_the_same_result(campaign, sentiment, tiny
     folder = sentiment / "runs" / campaign.run_id(name, "sentiment", 1)
     (sentiment / "whole.json").write_text((folder / "result.json").read_text())
     (folder / "result.json").unlink()
+    (sentiment / "campaign_results" / f"{folder.name}.json").unlink()
 
     calls = {"n": 0, "die_at": 3}
     real_loss = campaign.common.peft_loss
@@ -108,3 +117,45 @@ def test_a_stopped_peft_run_resumes_to_the_same_result(campaign, sentiment, tiny
     keys = ("metrics", "score", "steps", "tokens")
     assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
     assert [p["score"] for p in resumed["curve"]] == [p["score"] for p in whole["curve"]]
+
+
+def result(name: str, task: str, seed: int, score: float) -> dict:
+    return {"name": name, "task": task, "seed": seed, "score": score, "interval95": [score - 0.1, score + 0.1],
+            "primary": "accuracy" if task == "sentiment" else "f1", "n": 10, "steps": 4, "tokens": 40,
+            "metrics": {"macro_f1": score, "ranked_accuracy": score, "exact_match": score}, "train_seconds": 9.0,
+            "precision": "float32", "threads": 1, "curve": [{"step": 4, "seconds": 9.0, "score": score}]}
+
+
+def test_report_keeps_the_rows_whose_results_it_does_not_have(campaign, sentiment, capsys):
+    """Rows measured before results were kept in the repository stay as written; the rest are recomputed."""
+    columns = ["task", "method", "metric", "score", "also (mean)", "seeds", "n test", "steps", "labelled tokens",
+               "train s", "precision"]
+    written = [["sentiment", "lost row", "accuracy", "0.777 ± 0.011", "macro_f1 0.7", "1,2,3", "10", "4", "40",
+                "9", "float32"],
+               ["sentiment", "partial row", "accuracy", "0.666 ± 0.022", "macro_f1 0.6", "1,2", "10", "4", "40",
+                "9", "float32"],
+               ["sentiment", "stale row", "accuracy", "0.111 [0.0, 0.2]", "macro_f1 0.1", "1 (single run)", "10",
+                "4", "40", "9", "float32"]]
+    table = "\n".join("| " + " | ".join(r) + " |" for r in [columns, ["---"] * len(columns), *written])
+    (sentiment / "RESULTS.md").write_text(f"# Results\n\n<!-- BEGIN campaign -->\nrows\n\n{table}\n"
+                                          "<!-- END campaign -->\n")
+    folder = sentiment / "campaign_results"
+    folder.mkdir()
+    for r in (result("partial row", "sentiment", 3, 0.9), result("stale row", "sentiment", 1, 0.5),
+              result("new row", "sentiment", 1, 0.4), result("whole row", "squad", 1, 0.6)):
+        (folder / f"{campaign.run_id(r['name'], r['task'], r['seed'])}.json").write_text(json.dumps(r))
+    campaign.report()
+    rows = campaign.written_rows()
+    assert list(rows) == [("sentiment", "lost row"), ("sentiment", "new row"), ("sentiment", "partial row"),
+                          ("sentiment", "stale row"), ("squad", "whole row")]
+    assert rows["sentiment", "lost row"]["score"] == "0.777 ± 0.011"
+    assert rows["sentiment", "partial row"]["score"] == "0.666 ± 0.022" and rows["sentiment", "partial row"][
+        "seeds"] == "1,2"
+    assert rows["sentiment", "stale row"]["score"] == "0.500 [0.400, 0.600]"
+    assert rows["sentiment", "new row"]["seeds"] == "1 (single run)"
+    assert rows["squad", "whole row"]["score"] == "60.0 [50.0, 70.0]"
+    err = capsys.readouterr().err
+    assert "'lost row': no result here for seed(s) 1,2,3" in err and "'partial row'" in err
+    assert "'stale row'" not in err
+    # the figure of a task with rows kept as written is not redrawn without them
+    assert not (sentiment / "campaign_sentiment.png").exists() and (sentiment / "campaign_squad.png").is_file()
