@@ -14,7 +14,7 @@ def _cmd_prepare(args) -> None:
 
     manifest = prepare_dataset(args.dataset, args.out, seed=args.seed, from_dev=args.from_dev,
                                agreement=args.agreement, source="samples" if args.samples else "remote",
-                               slot_marks=args.slot_marks)
+                               slot_format=args.slot_format)
     counts = manifest.get("counts", {})
     print(f"{args.dataset}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {args.out}")
 
@@ -171,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1234)
     s.add_argument("--from-dev", action="store_true", help="squad: split dev-v1.1.json by article")
     s.add_argument("--agreement", default="AllAgree", help="sentiment: AllAgree, 75Agree, 66Agree or 50Agree")
-    s.add_argument("--slot-marks", action="store_true",
-                   help="intent_and_slot: answers mark the slots in the utterance ('at [time : six am]')")
+    s.add_argument("--slot-format", choices=["list", "words-first", "marks"], default="list",
+                   help="intent_and_slot: how answers write the slots: list 'time(six am)' (default), words-first "
+                   "'six am -> time' (more slots right, intent a little worse), marks 'at [time : six am]'")
+    s.add_argument("--slot-marks", dest="slot_format", action="store_const", const="marks",
+                   help="the same as --slot-format marks")
     s.add_argument("--samples", action="store_true", help="use the small sample files bundled with promptlab")
     s.set_defaults(func=_cmd_prepare)
 

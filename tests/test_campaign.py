@@ -3,6 +3,7 @@ result.json that `--report` turns into tables, and a PEFT run stopped after a ch
 result of an uninterrupted one."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def test_each_kind_of_run_ends_in_a_result_and_a_report(campaign, sentiment, tin
     again = campaign.run(RUNS[0][0], "sentiment", RUNS[0][1], {"max_steps": 1}, 1, tiny_base)
     assert again["steps"] == 4 and again["score"] == results[0]["score"]
     # every result is kept in the repository's folder too, and a run found there is not trained again
-    kept = sorted(p.stem for p in (sentiment / "campaign_results").iterdir())
-    assert kept == sorted(campaign.run_id(name, "sentiment", 1) for name, _ in RUNS)
+    kept = sorted((sentiment / "campaign_results").iterdir())
+    assert kept == sorted(campaign.kept_result(campaign.run_id(name, "sentiment", 1)) for name, _ in RUNS)
+    assert all(re.fullmatch(r"[\w.-]+", p.name) for p in kept)  # names any file system takes
     for folder in (sentiment / "runs").iterdir():
         (folder / "result.json").unlink()
     again = campaign.run(RUNS[1][0], "sentiment", RUNS[1][1], {"max_steps": 1}, 1, tiny_base)
@@ -96,7 +98,7 @@ def test_a_stopped_peft_run_resumes_to_the_same_result(campaign, sentiment, tiny
     folder = sentiment / "runs" / campaign.run_id(name, "sentiment", 1)
     (sentiment / "whole.json").write_text((folder / "result.json").read_text())
     (folder / "result.json").unlink()
-    (sentiment / "campaign_results" / f"{folder.name}.json").unlink()
+    campaign.kept_result(folder.name).unlink()
 
     calls = {"n": 0, "die_at": 3}
     real_loss = campaign.common.peft_loss
@@ -143,7 +145,7 @@ def test_report_keeps_the_rows_whose_results_it_does_not_have(campaign, sentimen
     folder.mkdir()
     for r in (result("partial row", "sentiment", 3, 0.9), result("stale row", "sentiment", 1, 0.5),
               result("new row", "sentiment", 1, 0.4), result("whole row", "squad", 1, 0.6)):
-        (folder / f"{campaign.run_id(r['name'], r['task'], r['seed'])}.json").write_text(json.dumps(r))
+        campaign.kept_result(campaign.run_id(r["name"], r["task"], r["seed"])).write_text(json.dumps(r))
     campaign.report()
     rows = campaign.written_rows()
     assert list(rows) == [("sentiment", "lost row"), ("sentiment", "new row"), ("sentiment", "partial row"),

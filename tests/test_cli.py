@@ -45,11 +45,16 @@ def test_prepare_writes_splits_and_manifest(prepared):
     assert counts == manifest["counts"] and counts["train"] > counts["test"] > 0
 
 
-def test_prepare_slot_marks(tmp_path):
-    assert main(["prepare", "intent_and_slot", "--out", str(tmp_path), "--samples", "--slot-marks"]) == 0
-    assert json.loads((tmp_path / "manifest.json").read_text())["options"] == {"slot_marks": True}
-    assert any("[time : " in r["label"] for r in read_jsonl(tmp_path / "train.jsonl"))
+def test_prepare_slot_formats(tmp_path):
+    assert main(["prepare", "intent_and_slot", "--out", str(tmp_path / "m"), "--samples", "--slot-marks"]) == 0
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["options"] == {"slot_format": "marks"}
+    assert any("[time : " in r["label"] for r in read_jsonl(tmp_path / "m" / "train.jsonl"))
+    assert main(["prepare", "intent_and_slot", "--out", str(tmp_path / "w"), "--samples",
+                 "--slot-format", "words-first"]) == 0
+    assert json.loads((tmp_path / "w" / "manifest.json").read_text())["options"] == {"slot_format": "words-first"}
+    assert any(" -> time" in r["label"] for r in read_jsonl(tmp_path / "w" / "train.jsonl"))
     assert main(["prepare", "sentiment", "--out", str(tmp_path / "s"), "--samples", "--slot-marks"]) != 0
+    assert not (tmp_path / "s").exists()
 
 
 def test_train_generate_evaluate_table(tmp_path, prepared, capsys):

@@ -82,16 +82,21 @@ def test_intent_splits_use_fold_files(tmp_path):
     assert len({r["utterance"] for r in held_out}) == 16
 
 
-def test_intent_slot_marks(tmp_path):
-    plain, marked = _prepared(tmp_path / "plain"), _prepared(tmp_path / "marked", slot_marks=True)
+@pytest.mark.parametrize("slot_format, example", [
     # two adjacent marks of one type in the annotation, "[time : six] [time : thirty am]", are one slot
-    assert "Intent: alarm_set\nSlots: set an alarm for [time : six thirty am]" in [r["label"] for r in marked["train"]]
+    ("marks", "Intent: alarm_set\nSlots: set an alarm for [time : six thirty am]"),
+    ("words-first", "Intent: alarm_set\nSlots: six thirty am -> time"),
+])
+def test_intent_slot_formats(tmp_path, slot_format, example):
+    plain, other = _prepared(tmp_path / "plain"), _prepared(tmp_path / "other", slot_format=slot_format)
+    assert example in [r["label"] for r in other["train"]]
     for split in plain:  # the same records in the same order, the same intent and slots in the other notation
-        assert [r["utterance"] for r in plain[split]] == [r["utterance"] for r in marked[split]]
+        assert [r["utterance"] for r in plain[split]] == [r["utterance"] for r in other[split]]
         assert ([parse_intent_slot(r["label"]) for r in plain[split]]
-                == [parse_intent_slot(r["label"]) for r in marked[split]])
-        assert all("[" not in r["label"] for r in plain[split])
-    assert json.loads((tmp_path / "marked" / "manifest.json").read_text())["options"] == {"slot_marks": True}
+                == [parse_intent_slot(r["label"]) for r in other[split]])
+        assert all("[" not in r["label"] and "->" not in r["label"] for r in plain[split])
+        assert any(r["label"] != o["label"] for r, o in zip(plain[split], other[split]))
+    assert json.loads((tmp_path / "other" / "manifest.json").read_text())["options"] == {"slot_format": slot_format}
     assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["options"] == {}
 
 
@@ -101,7 +106,8 @@ def _prepared(out: Path, **options) -> dict[str, list[dict]]:
 
 
 @pytest.mark.parametrize("name, options", [
-    ("sentiment", {}), ("intent_and_slot", {}), ("intent_and_slot", {"slot_marks": True}), ("squad", {}),
+    ("sentiment", {}), ("intent_and_slot", {}), ("intent_and_slot", {"slot_format": "marks"}),
+    ("intent_and_slot", {"slot_format": "words-first"}), ("squad", {}),
     ("squad", {"from_dev": True}),
 ])
 def test_same_seed_same_bytes_other_seed_other_order(tmp_path, name, options):
@@ -179,7 +185,8 @@ def test_prepare_through_an_http_mirror(tmp_path):
     ({"name": "imdb"}, "unknown dataset 'imdb'"),
     ({"name": "sentiment", "from_dev": True}, "squad only"),
     ({"name": "squad", "agreement": "50Agree"}, "sentiment only"),
-    ({"name": "squad", "slot_marks": True}, "intent_and_slot only"),
+    ({"name": "squad", "slot_format": "marks"}, "intent_and_slot only"),
+    ({"name": "intent_and_slot", "slot_format": "bio"}, "unknown slot format 'bio'; choose one of list, marks"),
     ({"name": "sentiment", "agreement": "90Agree"}, "90Agree"),
     ({"name": "sentiment", "seed": "12"}, "seed must be an integer"),
 ])

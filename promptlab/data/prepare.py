@@ -7,7 +7,7 @@ complete). The split rules follow NeMo's reference recipes:
 * ``sentiment``: the sentences of ``Sentences_<agreement>.txt`` shuffled, 80/10/10
   (``int(0.8 n)`` train, ``int(0.1 n)`` validation, the rest test: 1811/226/227 on AllAgree);
 * ``intent_and_slot``: every fold-1 trainset record for train; the testset halved into validation/test.
-  With ``slot_marks=True`` every answer marks its slots in the utterance (`assistant.mark_slots`);
+  ``slot_format`` writes every answer's slots in another notation (``SLOT_FORMATS``);
 * ``squad``: ``train-v1.1.json`` for train; ``dev-v1.1.json`` halved *by article* into validation/test.
   With ``from_dev=True`` (no train file needed) the dev articles are split 80/10/10 into all three.
 """
@@ -26,6 +26,13 @@ from .jsonl import write_json, write_jsonl
 DATASETS = ("sentiment", "intent_and_slot", "squad")
 SPLITS = ("train", "validation", "test")
 DEFAULT_SEED = 1234
+# intent_and_slot's answer notations beside the default "list" ("Slots: time(six am), date(tomorrow)"); the metric
+# reads each of them, so a prompt trained on one is scored against references in any
+SLOT_FORMATS = {
+    "list": None,
+    "marks": assistant.mark_slots,  # "Slots: wake me up at [time : six am] [date : tomorrow]"
+    "words-first": lambda record: assistant.assign_slots(record, words_first=True),  # "Slots: six am -> time; ..."
+}
 
 
 @dataclass
@@ -92,20 +99,22 @@ def _read_intent_folder(fetcher: Fetcher, folder: str) -> tuple[list[str], list[
     return files, records
 
 
-def _build_intent_and_slot(fetcher: Fetcher, seed: int, slot_marks: bool) -> PreparedDataset:
+def _build_intent_and_slot(fetcher: Fetcher, seed: int, slot_format: str) -> PreparedDataset:
     rng = random.Random(seed)
     train_files, train = _read_intent_folder(fetcher, assistant.TRAIN_DIR)
     test_files, held_out = _read_intent_folder(fetcher, assistant.TEST_DIR)
     rng.shuffle(train)
     rng.shuffle(held_out)
-    if slot_marks:
-        train, held_out = [assistant.mark_slots(r) for r in train], [assistant.mark_slots(r) for r in held_out]
+    rewrite = SLOT_FORMATS[slot_format]
+    if rewrite:
+        train, held_out = [rewrite(r) for r in train], [rewrite(r) for r in held_out]
     half = len(held_out) // 2
     rule = ("train: every record of KFold_1/trainset/*.csv, shuffled with random.Random(seed); "
             "KFold_1/testset/csv/*.csv shuffled with the same generator, first n//2 validation, the rest test")
     return PreparedDataset("intent_and_slot",
                            {"train": train, "validation": held_out[:half], "test": held_out[half:]},
-                           train_files + test_files, rule, {"slot_marks": True} if slot_marks else {})
+                           train_files + test_files, rule,
+                           {"slot_format": slot_format} if slot_format != "list" else {})
 
 
 def _flatten(articles: list[squad.Article]) -> list[dict[str, Any]]:
@@ -150,7 +159,7 @@ def build_dataset(
     seed: int = DEFAULT_SEED,
     from_dev: bool = False,
     agreement: str = "AllAgree",
-    slot_marks: bool = False,
+    slot_format: str = "list",
 ) -> PreparedDataset:
     """Fetch, parse and split one dataset in memory (what ``prepare_dataset`` writes)."""
     if name not in DATASETS:
@@ -159,14 +168,16 @@ def build_dataset(
         raise ConfigError(f"--from-dev applies to squad only, not to {name}")
     if agreement != "AllAgree" and name != "sentiment":
         raise ConfigError(f"--agreement applies to sentiment only, not to {name}")
-    if slot_marks and name != "intent_and_slot":
-        raise ConfigError(f"--slot-marks applies to intent_and_slot only, not to {name}")
+    if slot_format not in SLOT_FORMATS:
+        raise ConfigError(f"unknown slot format {slot_format!r}; choose one of {', '.join(SLOT_FORMATS)}")
+    if slot_format != "list" and name != "intent_and_slot":
+        raise ConfigError(f"--slot-format applies to intent_and_slot only, not to {name}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     if name == "sentiment":
         return _build_sentiment(fetcher, seed, agreement)
     if name == "intent_and_slot":
-        return _build_intent_and_slot(fetcher, seed, slot_marks)
+        return _build_intent_and_slot(fetcher, seed, slot_format)
     return _build_squad(fetcher, seed, from_dev)
 
 
@@ -177,7 +188,7 @@ def prepare_dataset(
     from_dev: bool = False,
     agreement: str = "AllAgree",
     source: str = "remote",
-    slot_marks: bool = False,
+    slot_format: str = "list",
     *,
     mirror: str | None = None,
     fetcher: Fetcher | None = None,
@@ -193,10 +204,13 @@ def prepare_dataset(
         seed: seeds every shuffle; the same seed and files give byte-identical outputs.
         from_dev: squad only: build all three splits from dev-v1.1.json (by article).
         agreement: sentiment only: "AllAgree", "75Agree", "66Agree" or "50Agree".
-        slot_marks: intent_and_slot only: answers that mark the slots in the utterance ("Slots: wake me up
-            at [time : six am]") instead of listing them ("Slots: time(six am)"); see `assistant.mark_slots`.
-            They run longer (10 of the 538 test answers need more than the task's 40 new tokens): generate
-            them with ``max_new_tokens=64``, as ``bench/campaign.py`` does.
+        slot_format: intent_and_slot only: how answers write the slots. "list" (the default): "Slots:
+            time(six am), date(tomorrow)". "words-first": "Slots: six am -> time; tomorrow -> date"
+            (`assistant.assign_slots`), the better of the two for slots (slot F1 0.627 +- 0.013 against the list's
+            0.581 +- 0.017 in bench/RESULTS.md, 3 seeds) at some cost in intent accuracy (0.831 against 0.845).
+            "marks": the utterance copied with its slots marked, "Slots: wake me up at [time : six am]"
+            (`assistant.mark_slots`); longer answers (10 of the 538 test answers need more than the task's 40
+            new tokens): generate them with ``max_new_tokens=64``, as ``bench/campaign.py`` does.
         source: "remote" (``mirror``, else ``$PROMPTLAB_DATA_MIRROR``, else the public homes) or
             "samples" (the small files bundled with promptlab).
         mirror: a directory or http(s) URL overriding ``$PROMPTLAB_DATA_MIRROR`` (source "remote").
@@ -206,7 +220,8 @@ def prepare_dataset(
     """
     if fetcher is None:
         fetcher = make_fetcher(source, mirror=mirror, progress=progress)
-    prepared = build_dataset(name, fetcher, seed=seed, from_dev=from_dev, agreement=agreement, slot_marks=slot_marks)
+    prepared = build_dataset(name, fetcher, seed=seed, from_dev=from_dev, agreement=agreement,
+                             slot_format=slot_format)
     out = Path(out_dir)
     outputs = {}
     for split in SPLITS:
