@@ -161,3 +161,15 @@ def test_report_keeps_the_rows_whose_results_it_does_not_have(campaign, sentimen
     assert "'stale row'" not in err
     # the figure of a task with rows kept as written is not redrawn without them
     assert not (sentiment / "campaign_sentiment.png").exists() and (sentiment / "campaign_squad.png").is_file()
+
+
+def test_a_plan_may_hold_the_base_in_another_precision(campaign, monkeypatch):
+    loaded, ran = [], []
+    monkeypatch.setattr(campaign.pl, "load_base_model", lambda name, dtype: loaded.append(dtype) or f"base {dtype}")
+    monkeypatch.setattr(campaign, "run", lambda name, task, method, overrides, seed, base: ran.append((name, base))
+                        or {"primary": "accuracy", "score": 0.5, "n": 1, "train_seconds": 1.0})
+    monkeypatch.setitem(campaign.PLANS, "precisions", [
+        ("a", "sentiment", None, {}, (1, 2)), ("b", "sentiment", None, {campaign.BASE_DTYPE: "fp32"}, (1, 2))])
+    campaign.main(["--plan", "precisions"])
+    assert loaded == ["auto", "fp32"]  # once per precision, however many runs ask for it
+    assert ran == [("a", "base auto"), ("a", "base auto"), ("b", "base fp32"), ("b", "base fp32")]
