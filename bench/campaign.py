@@ -209,6 +209,14 @@ PLANS = {
                                              "Answer: {answer}"}, (1,)),
         # the recipe with the frozen base in fp32 (a laptop's precision) against bf16's (no validation loss)
         ("deep prompt tuning (recipe), float32 base", "squad", None, {"eval_every": 50, BASE_DTYPE: "fp32"}, SEEDS),
+        # the instruct base's own chat format (its system turn, the passage and question as the user's turn, the
+        # answer as the assistant's, ended by its end-of-turn token, which is also the tokenizer's EOS): the reading
+        # comprehension it was instruction-tuned for, in the format it was tuned in
+        ("deep prompt tuning (recipe), chat format", "squad", None,
+         {"eval_every": 50, PROMPT_TEMPLATE: "<|VIRTUAL_PROMPT_0|><|im_start|>system\nYou are a helpful AI assistant "
+                                             "named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
+                                             "Context: {context}\n\nQuestion: {question}<|im_end|>\n"
+                                             "<|im_start|>assistant\n{answer}"}, (1,)),
     ],
     # deep prompts on sentiment (0.66 with the default MLP at lr 3e-3): variants at the same 150 steps, seed 1,
     # chosen on validation (the curve's best), test reported beside
